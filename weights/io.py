@@ -1,0 +1,150 @@
+"""Safetensors I/O shared by every loader: find a component's weight files, read them (sharded or not,
+fp16 variants), refuse pickles, and load a state dict into a model built on the meta device.
+
+Loading never holds two copies of the weights: the model is built on the meta device (no storage), and
+`load_state_dict(assign=True)` makes the tensors read from the file the model's parameters.
+"""
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded. The message is one line and names the file or keys."""
+
+
+def refuse_pickle(path):
+    path = Path(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise CheckpointError(
+            f"{path}: pickle checkpoints are refused (loading one can run arbitrary code); convert it to "
+            f"safetensors first, e.g. safetensors.torch.save_file(state_dict, '{path.with_suffix('.safetensors').name}')")
+
+
+def read_safetensors(path, device="cpu"):
+    """One .safetensors file -> dict of tensors. A truncated or corrupt file raises CheckpointError."""
+    path = Path(path)
+    refuse_pickle(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        return load_file(str(path), device=device)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {first}") from None
+
+
+def write_safetensors(state_dict, path, metadata=None):
+    """Atomic write: a crash mid-write leaves the previous file intact, never a truncated one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous() for k, v in state_dict.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def find_weights(folder, stem, variant=None):
+    """The weight file (or shard index) of a component folder.
+
+    `stem` is "model" (transformers) or "diffusion_pytorch_model" (diffusers). Looks for
+    `<stem>.safetensors`, then the sharded `<stem>.safetensors.index.json`, then the fp16 variants
+    (`<stem>.fp16.safetensors`, `<stem>.safetensors.index.fp16.json`). `variant="fp16"` prefers those.
+    A folder that holds only pickle weights is refused with a message that says how to convert.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such folder")
+    plain = [f"{stem}.safetensors", f"{stem}.safetensors.index.json"]
+    fp16 = [f"{stem}.fp16.safetensors", f"{stem}.safetensors.index.fp16.json", f"{stem}.fp16.safetensors.index.json"]
+    for name in (fp16 + plain) if variant == "fp16" else (plain + fp16):
+        if (folder / name).is_file():
+            return folder / name
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        refuse_pickle(folder / pickles[0])
+    raise CheckpointError(f"{folder}: no {stem}.safetensors (or sharded index / fp16 variant) in this folder")
+
+
+def read_weights(path):
+    """A .safetensors file or a shard index (.json) -> one state dict."""
+    path = Path(path)
+    if path.suffix != ".json":
+        return read_safetensors(path)
+    try:
+        weight_map = json.loads(path.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path}: not a valid shard index ({type(e).__name__}: {e})") from None
+    state = {}
+    for shard in sorted(set(weight_map.values())):
+        part = read_safetensors(path.parent / shard)
+        state.update({k: v for k, v in part.items() if weight_map.get(k) == shard})
+    missing = sorted(set(weight_map) - set(state))
+    if missing:
+        raise CheckpointError(f"{path}: {len(missing)} keys listed in the index are absent from their shards, "
+                              f"e.g. {', '.join(missing[:3])}")
+    return state
+
+
+def read_config(folder, name="config.json"):
+    path = Path(folder) / name
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing (a model folder needs its {name})") from None
+    except ValueError as e:
+        raise CheckpointError(f"{path}: not valid JSON: {e}") from None
+
+
+def _examples(keys, n=3):
+    keys = sorted(keys)
+    more = f", ... ({len(keys)} in all)" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def check_state_dict(model, state_dict, source="checkpoint"):
+    """Raise one CheckpointError naming missing, unexpected and wrong-shape keys (a few of each, with counts)."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    missing = set(expected) - set(state_dict)
+    unexpected = set(state_dict) - set(expected)
+    shapes = [f"{k} {tuple(state_dict[k].shape)} in file vs {tuple(s)} in model"
+              for k, s in sorted(expected.items()) if k in state_dict and tuple(state_dict[k].shape) != tuple(s)]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys: {_examples(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys: {_examples(unexpected)}")
+    if shapes:
+        problems.append(f"{len(shapes)} wrong-shape keys: {'; '.join(shapes[:3])}")
+    if problems:
+        raise CheckpointError(f"{source} does not fit {type(model).__name__}: " + " | ".join(problems))
+
+
+def load_into(model, state_dict, source="checkpoint", dtype=torch.float32):
+    """Load `state_dict` into `model` (usually built under `torch.device("meta")`) by assignment.
+
+    Floating tensors are cast to `dtype` (None keeps the file's dtype). Modules may define
+    `init_buffers()` to compute non-persistent buffers that a meta build left empty.
+    """
+    check_state_dict(model, state_dict, source)
+    if dtype is not None:
+        state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    for m in model.modules():
+        if hasattr(m, "init_buffers"):
+            m.init_buffers()
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise CheckpointError(f"{source}: {len(left)} tensors of {type(model).__name__} were never loaded: {_examples(left)}")
+    return model.eval()
