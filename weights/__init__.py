@@ -3,7 +3,7 @@ from weights.io import CheckpointError, read_safetensors, read_weights, write_sa
 
 
 def load_tokenizer(folder, **kw):
-    from weights.text import load_tokenizer as f
+    from flash.tokenizer import load_tokenizer as f
     return f(folder, **kw)
 
 
