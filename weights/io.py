@@ -24,8 +24,9 @@ def refuse_pickle(path):
     path = Path(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise CheckpointError(
-            f"{path}: pickle checkpoints are refused (loading one can run arbitrary code); convert it to "
-            f"safetensors first, e.g. safetensors.torch.save_file(state_dict, '{path.with_suffix('.safetensors').name}')")
+            f"{path}: pickle checkpoints are refused (loading one can run arbitrary code); convert it to safetensors "
+            f"first (safetensors.torch.save_file(state_dict, ...) as model.safetensors in a transformers folder, "
+            f"diffusion_pytorch_model.safetensors in a diffusers one)")
 
 
 def read_safetensors(path, device="cpu"):
