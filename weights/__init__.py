@@ -28,7 +28,7 @@ def load_transformer(folder, **kw):
 
 
 def load_pipeline(path, **kw):
-    from weights.sd import load_pipeline as f
+    from weights.pipeline import load_pipeline as f
     return f(path, **kw)
 
 
