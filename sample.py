@@ -1,0 +1,170 @@
+"""Text-to-image from the command line: a few-step Flash sample (or any other sampler) written as a PNG.
+
+    python sample.py --prompt "a handwritten digit 7" --steps 4 --out seven.png
+    python sample.py --model path/to/sdxl --lora flash-sdxl.safetensors --prompt "a cat" --prompt "a dog"
+
+Reads top to bottom: parse, build (load the pipeline and any LoRAs), sample (flash.pipeline.generate), save
+(one image, or a grid: a row per prompt when --batch > 1), with the prompts, seed, steps, sampler, guidance
+and model in the PNG's text metadata. The same seed gives the same image as diffusers' pipeline for that
+model and scheduler (see flash/pipeline.py). Errors the user can cause end in one line on stderr, exit 2.
+"""
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from flash.schedule import SAMPLERS
+
+DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "digits"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):           # one line instead of argparse's usage block + message
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def parse_args(argv=None):
+    p = Parser(description=__doc__.split("\n\n")[0])
+    a = p.add_argument
+    a("--model", help="a diffusers pipeline folder or a single-file .safetensors checkpoint "
+                      f"(default: the shipped {DEFAULT_MODEL.parent.name}/{DEFAULT_MODEL.name})")
+    a("--prompt", action="append", default=[], help="a prompt; repeat the flag for several")
+    a("--prompts-file", help="a text file with one prompt per line (blank lines skipped), added to --prompt")
+    a("--negative-prompt", help="what to steer away from (only used with CFG, i.e. --guidance > 1)")
+    a("--steps", type=int, default=4, help="number of denoiser evaluations (default: %(default)s)")
+    a("--sampler", choices=SAMPLERS, default="flash",
+      help="flash: the student's trained timesteps (1, 2, 4 steps); lcm: LCMScheduler's; "
+           "ddim / euler / dpm++2m: the classic solvers, for teachers (default: %(default)s)")
+    a("--guidance", type=float, help="classifier-free guidance scale, <= 1 disables CFG "
+                                     "(default: 0 for flash / lcm, 7.5 otherwise)")
+    a("--seed", type=int, default=0, help="seed of torch.Generator('cpu'), as diffusers uses it (default: %(default)s)")
+    a("--height", type=int, help="image height in pixels (default: the model's trained size)")
+    a("--width", type=int, help="image width in pixels (default: the model's trained size)")
+    a("--batch", type=int, default=1, help="images per prompt (default: %(default)s)")
+    a("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+      help="a LoRA (diffusers, PEFT or kohya format) fused into the denoiser at SCALE (default 1); repeatable")
+    a("--out", default="sample.png", help="output PNG, a grid when there are several images (default: %(default)s)")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device (default: %(default)s)")
+    a("--dtype", choices=DTYPES, help="weights dtype (default: fp16 on CUDA, fp32 otherwise)")
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    """Fail before the (slow) model load on arguments that are wrong whatever the model."""
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    if args.batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {args.batch}")
+    for name in ("height", "width"):
+        v = getattr(args, name)
+        if v is not None and (v <= 0 or v % 8):
+            raise ValueError(f"--{name} must be a positive multiple of 8, got {v}")
+    if Path(args.out).suffix.lower() != ".png":
+        raise ValueError(f"--out must name a .png file, got {args.out}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(f"--device {args.device!r} is not a torch device (cpu, cuda, cuda:1, mps, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: CUDA is not available here")
+
+
+def read_prompts(args):
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"--prompts-file {path}: no such file") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"--prompts-file {path}: not readable as UTF-8 text ({type(e).__name__})") from None
+        prompts += [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError("no prompt: pass --prompt TEXT (repeatable) or --prompts-file FILE")
+    return prompts
+
+
+def parse_lora(spec):
+    """"path" or "path:scale" (a trailing ":number"; other colons belong to the path)."""
+    path, _, scale = spec.rpartition(":")
+    try:
+        return (path, float(scale)) if path else (spec, 1.0)
+    except ValueError:
+        return spec, 1.0
+
+
+def build(args):
+    """Load the pipeline, cast and move it, and fuse the LoRAs into the denoiser."""
+    import weights
+    from flash.lora import load_lora
+    model = Path(args.model) if args.model else DEFAULT_MODEL
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if args.device.startswith("cuda") else torch.float32)
+    pipe = weights.load_pipeline(model, dtype=dtype)
+    pipe.to(device=args.device)
+    for spec in args.lora:
+        path, scale = parse_lora(spec)
+        if not Path(path).exists():
+            raise FileNotFoundError(f"--lora {path}: no such file or folder")
+        # fused: several LoRAs stack, and sampling pays nothing for them
+        load_lora(pipe.denoiser, path, scale=scale, fuse=True)
+    return pipe, model
+
+
+def to_grid(images, cols):
+    """(N, 3, H, W) floats in [0, 1] -> one uint8 (rows*H, cols*W, 3) array, row-major, black padding."""
+    n, _, h, w = images.shape
+    rows = math.ceil(n / cols)
+    grid = torch.zeros(3, rows * h, cols * w)
+    for i, img in enumerate(images.float().cpu()):
+        r, c = divmod(i, cols)
+        grid[:, r * h:(r + 1) * h, c * w:(c + 1) * w] = img
+    return (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+def save(images, args, prompts, model, guidance):
+    cols = args.batch if len(prompts) > 1 and args.batch > 1 else math.ceil(math.sqrt(len(images)))
+    info = PngInfo()
+    for key, value in [("prompt", "\n".join(prompts)), ("negative_prompt", args.negative_prompt or ""),
+                       ("seed", args.seed), ("steps", args.steps), ("sampler", args.sampler),
+                       ("guidance", guidance), ("batch", args.batch), ("model", str(model)),
+                       ("lora", " ".join(args.lora))]:
+        info.add_text(key, str(value))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(to_grid(images, cols)).save(out, pnginfo=info)
+    return out
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.model is None and not DEFAULT_MODEL.exists():
+        print(f"error: the shipped default model {DEFAULT_MODEL} is not built yet; pass --model PATH",
+              file=sys.stderr)
+        return 1
+    from weights import CheckpointError
+    from flash.pipeline import default_guidance, generate
+    try:
+        check_args(args)
+        prompts = read_prompts(args)
+        pipe, model = build(args)
+        guidance = default_guidance(args.sampler) if args.guidance is None else args.guidance
+        images = generate(pipe, prompts, steps=args.steps, sampler=args.sampler, guidance=guidance,
+                          height=args.height, width=args.width, seed=args.seed,
+                          negative_prompt=args.negative_prompt, batch=args.batch)
+        out = save(images, args, prompts, model, guidance)
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} ({len(images)} image{'s' * (len(images) > 1)}, {images.shape[-1]}x{images.shape[-2]})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
