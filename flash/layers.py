@@ -114,3 +114,62 @@ class TimestepEmbedding(nn.Module):
 
     def forward(self, x):
         return self.linear_2(F.silu(self.linear_1(x)))
+
+
+# ---- Convolutional blocks shared by the UNet and the VAE (diffusers' ResnetBlock2D, Downsample2D, Upsample2D) ----
+
+class ResnetBlock2D(nn.Module):
+    """norm1+SiLU -> conv1 (+ projected time embedding) -> norm2+SiLU -> conv2, plus a (1x1 conv) shortcut.
+
+    `temb_channels=None` gives the VAE's block (no time_emb_proj). x: (B, Cin, H, W) -> (B, Cout, H, W).
+    """
+
+    def __init__(self, in_channels, out_channels=None, temb_channels=None, groups=32, eps=1e-6):
+        super().__init__()
+        out_channels = out_channels or in_channels
+        self.norm1 = GroupNorm(groups, in_channels, eps, silu=True)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_channels, out_channels) if temb_channels else None
+        self.norm2 = GroupNorm(groups, out_channels, eps, silu=True)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        # A learned shortcut only where the channel count changes (as in DDPM / LDM).
+        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x, temb=None):
+        # In-place adds on fresh conv outputs (autograd-safe: a conv's backward needs its input, not its
+        # output) save two activation-sized allocations per block.
+        h = self.conv1(self.norm1(x))
+        if self.time_emb_proj is not None:
+            h += self.time_emb_proj(F.silu(temb))[:, :, None, None]  # one shift per channel
+        h = self.conv2(self.norm2(h))
+        h += x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return h
+
+
+class Downsample2D(nn.Module):
+    """Stride-2 3x3 conv. `padding=0` is the VAE's variant: pad one pixel right and bottom only (LDM quirk)."""
+
+    def __init__(self, channels, padding=1):
+        super().__init__()
+        self.padding = padding
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
+
+    def forward(self, x):
+        if self.padding == 0:
+            x = F.pad(x, (0, 1, 0, 1))
+        return self.conv(x)
+
+
+class Upsample2D(nn.Module):
+    """Nearest-neighbour x2 (or to `size`, when a skip connection has an odd size) then a 3x3 conv."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x, size=None):
+        if size is None:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        else:
+            x = F.interpolate(x, size=tuple(size), mode="nearest")
+        return self.conv(x)

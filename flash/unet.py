@@ -1,0 +1,332 @@
+"""The Stable Diffusion UNet (SD1.x, SD2.x, SDXL, inpainting), with diffusers' checkpoint key names.
+
+Follows the LDM UNet (Rombach et al. 2022; Ronneberger et al. 2015 for the U shape, Ho et al. 2020 for the
+ResNet + timestep design) and SDXL (Podell et al. 2023: per-level transformer depth, no attention at the
+highest resolution, "text_time" micro-conditioning), as laid out by diffusers' `UNet2DConditionModel`: the
+module tree equals the keys of a diffusers `unet/` folder, so weights load with no renaming.
+
+    t -> sinusoidal (fp32) -> time_embedding [+ add_embedding(pooled text, size/crop ids)]  = emb
+    x -> conv_in -> down levels [ResNet(emb), Transformer(context)] x n, downsample  (each output kept as a skip)
+      -> mid (ResNet, Transformer, ResNet)
+      -> up levels [concat skip, ResNet(emb), Transformer(context)] x (n+1), upsample
+      -> GroupNorm+SiLU -> conv_out  = eps (or v) prediction
+
+Deviations: only the configurations released for SD1.x/2.x/XL are supported (others raise a ValueError
+naming the field); attention masks, ControlNet/adapter residuals, class labels and GLIGEN are not.
+`upcast_attention` is accepted and always honoured: the attention kernel keeps softmax statistics in fp32.
+"""
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from flash.layers import (Attention, Downsample2D, FeedForward, GroupNorm, LayerNorm, ResnetBlock2D,
+                          TimestepEmbedding, Upsample2D, timestep_embedding)
+
+
+@dataclass
+class UNetConfig:
+    """diffusers' UNet2DConditionModel config fields that the released SD models use.
+
+    NOTE `attention_head_dim` is, despite its name, the number of attention HEADS per level (a diffusers
+    naming slip kept for compatibility: "num_attention_heads = num_attention_heads or attention_head_dim").
+    SD1.5: 8 heads everywhere (head dims 40/80/160); SD2.x: [5, 10, 20, 20] and SDXL: [5, 10, 20] heads,
+    i.e. head dim 64. Per-level fields accept one int or a list with one entry per level.
+    """
+    sample_size: int = 64
+    in_channels: int = 4
+    out_channels: int = 4
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    down_block_types: tuple = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+    up_block_types: tuple = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+    block_out_channels: tuple = (320, 640, 1280, 1280)
+    layers_per_block: int | tuple = 2
+    downsample_padding: int = 1
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    cross_attention_dim: int | tuple = 768
+    transformer_layers_per_block: int | tuple = 1
+    attention_head_dim: int | tuple = 8         # = number of heads (see above)
+    use_linear_projection: bool = False         # SD2/SDXL: Linear proj_in/out instead of 1x1 convs
+    upcast_attention: bool = False
+    addition_embed_type: str = None             # "text_time" for SDXL
+    addition_time_embed_dim: int = None         # 256 for SDXL: each of the 6 size/crop ids is embedded to this
+    projection_class_embeddings_input_dim: int = None  # 2816 for SDXL = 1280 pooled text + 6 * 256
+
+    @classmethod
+    def from_config_json(cls, config, source="unet config"):
+        """A diffusers config.json (a dict, or a path to the file). Irrelevant keys are ignored; keys whose
+        value would change the network in a way this file does not implement raise a ValueError."""
+        if not isinstance(config, dict):
+            source = str(config)
+            config = json.loads(Path(config).read_text())
+        for key, allowed in _ONLY.items():
+            value = config.get(key, allowed[0])
+            if isinstance(value, list) and value and all(v in allowed for v in value):
+                continue
+            if value not in allowed:
+                raise ValueError(f"{source}: {key}={value!r} is not supported (supported: {allowed[0]!r})")
+        names = {f.name for f in dataclasses.fields(cls)}
+        cfg = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in names})
+        cfg.upcast_attention = bool(cfg.upcast_attention)   # SDXL's config says null
+        cfg.validate(source)
+        return cfg
+
+    def levels(self, name):
+        """A per-level field as a list with one entry per resolution level."""
+        value = getattr(self, name)
+        return list(value) if isinstance(value, (list, tuple)) else [value] * len(self.block_out_channels)
+
+    def validate(self, source="unet config"):
+        n = len(self.block_out_channels)
+        for name in ("down_block_types", "up_block_types", "layers_per_block", "cross_attention_dim",
+                     "transformer_layers_per_block", "attention_head_dim"):
+            if len(self.levels(name)) != n:
+                raise ValueError(f"{source}: {name} has {len(self.levels(name))} entries for {n} levels")
+        for name, ok in (("down_block_types", ("CrossAttnDownBlock2D", "DownBlock2D")),
+                         ("up_block_types", ("CrossAttnUpBlock2D", "UpBlock2D"))):
+            bad = [b for b in self.levels(name) if b not in ok]
+            if bad:
+                raise ValueError(f"{source}: {name} {bad} not supported (only {' / '.join(ok)})")
+        if any(isinstance(d, (list, tuple)) for d in self.levels("transformer_layers_per_block")):
+            raise ValueError(f"{source}: nested transformer_layers_per_block is not supported")
+        for c, heads in zip(self.block_out_channels, self.levels("attention_head_dim")):
+            if c % heads or c % self.norm_num_groups:
+                raise ValueError(f"{source}: {c} channels do not split into {heads} heads / {self.norm_num_groups} groups")
+        if self.addition_embed_type not in (None, "text_time"):
+            raise ValueError(f"{source}: addition_embed_type={self.addition_embed_type!r} is not supported "
+                             "(only None or 'text_time')")
+        if self.addition_embed_type and not (self.addition_time_embed_dim and self.projection_class_embeddings_input_dim):
+            raise ValueError(f"{source}: addition_embed_type='text_time' needs addition_time_embed_dim and "
+                             "projection_class_embeddings_input_dim")
+
+
+# diffusers fields that the released SD models leave at one value; any other value is refused.
+_ONLY = {
+    "act_fn": ("silu",), "mid_block_type": ("UNetMidBlock2DCrossAttn",), "center_input_sample": (False,),
+    "only_cross_attention": (False,), "mid_block_only_cross_attention": (None, False),
+    "dual_cross_attention": (False,), "class_embed_type": (None,), "num_class_embeds": (None,),
+    "encoder_hid_dim": (None,), "encoder_hid_dim_type": (None,), "num_attention_heads": (None,),
+    "resnet_time_scale_shift": ("default",), "resnet_skip_time_act": (False,), "resnet_out_scale_factor": (1.0,),
+    "time_embedding_type": ("positional",), "time_embedding_dim": (None,), "time_embedding_act_fn": (None,),
+    "timestep_post_act": (None,), "time_cond_proj_dim": (None,), "conv_in_kernel": (3,), "conv_out_kernel": (3,),
+    "attention_type": ("default",), "class_embeddings_concat": (False,), "cross_attention_norm": (None,),
+    "reverse_transformer_layers_per_block": (None,), "mid_block_scale_factor": (1, 1.0), "dropout": (0.0, 0),
+}
+
+_SD2 = dict(attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024, use_linear_projection=True)
+CONFIGS = {
+    "sd15": UNetConfig(),
+    "sd15-inpaint": UNetConfig(in_channels=9),  # noisy latent 4 + mask 1 + masked-image latent 4
+    "sd2": UNetConfig(sample_size=96, upcast_attention=True, **_SD2),  # SD2.1 768-v (v-prediction)
+    "sd2-base": UNetConfig(**_SD2),                                    # SD2.x 512 (eps)
+    "sdxl": UNetConfig(
+        sample_size=128, block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816),
+}
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm self-attention, cross-attention to the text, GEGLU feed-forward, each with a residual."""
+
+    def __init__(self, dim, heads, context_dim):
+        super().__init__()
+        self.norm1 = LayerNorm(dim)
+        self.attn1 = Attention(dim, heads, dim // heads)
+        self.norm2 = LayerNorm(dim)
+        self.attn2 = Attention(dim, heads, dim // heads, context_dim=context_dim)
+        self.norm3 = LayerNorm(dim)
+        self.ff = FeedForward(dim, activation="geglu")
+
+    def forward(self, x, context):
+        # Residual adds in place into each sub-layer's fresh output (its backward does not need it).
+        x = self.attn1(self.norm1(x)).add_(x)
+        x = self.attn2(self.norm2(x), context).add_(x)
+        return self.ff(self.norm3(x)).add_(x)
+
+
+class Transformer2DModel(nn.Module):
+    """GroupNorm -> proj_in -> `depth` transformer blocks over the H*W tokens -> proj_out, plus a residual.
+    proj_in/out are 1x1 convs (SD1.x) or Linear layers (use_linear_projection: SD2, SDXL)."""
+
+    def __init__(self, channels, heads, depth, context_dim, groups, linear):
+        super().__init__()
+        self.linear = linear
+        self.norm = GroupNorm(groups, channels, eps=1e-6)
+        proj = (lambda: nn.Linear(channels, channels)) if linear else (lambda: nn.Conv2d(channels, channels, 1))
+        self.proj_in = proj()
+        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(channels, heads, context_dim)
+                                                 for _ in range(depth)])
+        self.proj_out = proj()
+
+    def forward(self, x, context):
+        b, c, h, w = x.shape
+        tokens = self.norm(x)
+        if not self.linear:
+            tokens = self.proj_in(tokens)
+        tokens = tokens.permute(0, 2, 3, 1).reshape(b, h * w, c)        # (B, H*W, C)
+        if self.linear:
+            tokens = self.proj_in(tokens)
+        for block in self.transformer_blocks:
+            tokens = block(tokens, context)
+        if self.linear:
+            tokens = self.proj_out(tokens)
+        out = tokens.reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous()  # (B, C, H, W)
+        if not self.linear:
+            out = self.proj_out(out)
+        return out.add_(x)
+
+
+class DownBlock(nn.Module):
+    """One resolution level on the way down: (ResNet [, Transformer]) x n, then an optional stride-2 conv.
+    Returns the output and every intermediate state, which the up path consumes as skip connections."""
+
+    def __init__(self, in_ch, out_ch, n, temb_ch, attn, downsample, cfg):
+        super().__init__()
+        g, eps = cfg.norm_num_groups, cfg.norm_eps
+        self.resnets = nn.ModuleList([ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, temb_ch, g, eps)
+                                      for i in range(n)])
+        self.attentions = nn.ModuleList([Transformer2DModel(out_ch, *attn, g, cfg.use_linear_projection)
+                                         for _ in range(n)]) if attn else None
+        self.downsamplers = nn.ModuleList([Downsample2D(out_ch, cfg.downsample_padding)]) if downsample else None
+
+    def forward(self, x, emb, context):
+        skips = []
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(x, emb)
+            if self.attentions is not None:
+                x = self.attentions[i](x, context)
+            skips.append(x)
+        if self.downsamplers is not None:
+            x = self.downsamplers[0](x)
+            skips.append(x)
+        return x, skips
+
+
+class UpBlock(nn.Module):
+    """One level on the way up: (concat a skip, ResNet [, Transformer]) x n, then an optional upsample."""
+
+    def __init__(self, in_ch, skip_chs, out_ch, temb_ch, attn, upsample, cfg):
+        super().__init__()
+        g, eps = cfg.norm_num_groups, cfg.norm_eps
+        in_chs = [in_ch] + [out_ch] * (len(skip_chs) - 1)
+        self.resnets = nn.ModuleList([ResnetBlock2D(c + s, out_ch, temb_ch, g, eps) for c, s in zip(in_chs, skip_chs)])
+        self.attentions = nn.ModuleList([Transformer2DModel(out_ch, *attn, g, cfg.use_linear_projection)
+                                         for _ in skip_chs]) if attn else None
+        self.upsamplers = nn.ModuleList([Upsample2D(out_ch)]) if upsample else None
+
+    def forward(self, x, skips, emb, context, size=None):
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(torch.cat([x, skips[-1 - i]], dim=1), emb)   # the latest skip first
+            if self.attentions is not None:
+                x = self.attentions[i](x, context)
+        return x if self.upsamplers is None else self.upsamplers[0](x, size)
+
+
+class MidBlock(nn.Module):
+    def __init__(self, ch, temb_ch, attn, cfg):
+        super().__init__()
+        g, eps = cfg.norm_num_groups, cfg.norm_eps
+        self.resnets = nn.ModuleList([ResnetBlock2D(ch, ch, temb_ch, g, eps) for _ in range(2)])
+        self.attentions = nn.ModuleList([Transformer2DModel(ch, *attn, g, cfg.use_linear_projection)])
+
+    def forward(self, x, emb, context):
+        x = self.resnets[0](x, emb)
+        return self.resnets[1](self.attentions[0](x, context), emb)
+
+
+class UNet2DConditionModel(nn.Module):
+    def __init__(self, cfg: UNetConfig = CONFIGS["sd15"]):
+        super().__init__()
+        cfg.validate()
+        self.config = cfg
+        self.gradient_checkpointing = False
+        ch = list(cfg.block_out_channels)
+        temb = 4 * ch[0]
+        n = len(ch)
+        heads, depth = cfg.levels("attention_head_dim"), cfg.levels("transformer_layers_per_block")
+        layers, ctx = cfg.levels("layers_per_block"), cfg.levels("cross_attention_dim")
+        down_attn = [t.startswith("CrossAttn") for t in cfg.levels("down_block_types")]
+        up_attn = [t.startswith("CrossAttn") for t in cfg.levels("up_block_types")]
+
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(ch[0], temb)
+        if cfg.addition_embed_type == "text_time":
+            self.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, temb)
+
+        skip_chs = [ch[0]]                    # channels of every state the up path will concatenate
+        self.down_blocks = nn.ModuleList()
+        for i in range(n):
+            attn = (heads[i], depth[i], ctx[i]) if down_attn[i] else None
+            self.down_blocks.append(DownBlock(ch[max(i - 1, 0)], ch[i], layers[i], temb, attn, i < n - 1, cfg))
+            skip_chs += [ch[i]] * (layers[i] + (i < n - 1))
+
+        self.mid_block = MidBlock(ch[-1], temb, (heads[-1], depth[-1], ctx[-1]), cfg)
+
+        self.up_blocks = nn.ModuleList()
+        x_ch = ch[-1]
+        for i, lvl in enumerate(reversed(range(n))):      # up_blocks[0] is the lowest resolution
+            k = layers[lvl] + 1
+            skip_chs, mine = skip_chs[:-k], skip_chs[-k:][::-1]
+            attn = (heads[lvl], depth[lvl], ctx[lvl]) if up_attn[i] else None
+            self.up_blocks.append(UpBlock(x_ch, mine, ch[lvl], temb, attn, lvl > 0, cfg))
+            x_ch = ch[lvl]
+
+        self.conv_norm_out = GroupNorm(cfg.norm_num_groups, ch[0], cfg.norm_eps, silu=True)
+        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+
+    def enable_gradient_checkpointing(self, on=True):
+        self.gradient_checkpointing = on
+        return self
+
+    def _run(self, block, *args):
+        """Recompute each block's activations in the backward pass when checkpointing (saves memory)."""
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def embed(self, t, batch, dtype, added_cond=None):
+        """Timestep (scalar or (B,)) [+ SDXL micro-conditioning] -> (B, 4*C0) embedding."""
+        cfg = self.config
+        t = torch.as_tensor(t, device=self.conv_in.weight.device).reshape(-1).expand(batch)
+        # The sinusoid is computed in fp32 (large t times high frequencies loses phase in fp16), then cast.
+        emb = self.time_embedding(timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos,
+                                                     cfg.freq_shift).to(dtype))
+        if cfg.addition_embed_type == "text_time":
+            if not added_cond or "text_embeds" not in added_cond or "time_ids" not in added_cond:
+                raise ValueError("this UNet (addition_embed_type='text_time', SDXL) needs "
+                                 "added_cond={'text_embeds': (B, 1280), 'time_ids': (B, 6)}")
+            text, ids = added_cond["text_embeds"], added_cond["time_ids"]
+            ids = timestep_embedding(ids.flatten(), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift)
+            emb = emb + self.add_embedding(torch.cat([text, ids.reshape(text.shape[0], -1)], dim=-1).to(dtype))
+        return emb
+
+    def forward(self, x, t, context, added_cond=None, return_mid=False):
+        """x (B, in_channels, H, W) noisy latents, t timesteps, context (B, L, cross_attention_dim) text states.
+        Returns the eps / v prediction (B, out_channels, H, W), and the mid-block output if return_mid."""
+        emb = self.embed(t, x.shape[0], x.dtype, added_cond)
+        context = context.to(x.dtype)
+
+        h = self.conv_in(x)
+        skips = [h]
+        for block in self.down_blocks:
+            h, states = self._run(block, h, emb, context)
+            skips += states
+        h = mid = self._run(self.mid_block, h, emb, context)
+        for block in self.up_blocks:
+            k = len(block.resnets)
+            skips, mine = skips[:-k], skips[-k:]
+            # Upsample to the size of the next skip, so odd latent sizes round-trip (10 -> 5 -> 3 -> 5 -> 10).
+            size = skips[-1].shape[-2:] if skips else None
+            h = self._run(block, h, mine, emb, context, size)
+        out = self.conv_out(self.conv_norm_out(h))
+        return (out, mid) if return_mid else out
