@@ -20,7 +20,8 @@ Deviations from diffusers (on CPU in fp32 the outputs agree bitwise, except for 
 - The caption mask is a boolean key-padding mask (diffusers adds a -10000 bias). A caption whose mask is
   all zeros attends to every token, which is what the -10000 bias amounts to (upstream's fp32 `s - 10000`
   also rounds the logits by ~1e-3 there; we do not), instead of producing NaN.
-- Dropout, gradient checkpointing, attention processors and fused-QKV switches are left out.
+- Dropout, attention processors and fused-QKV switches are left out. Gradient checkpointing is per block
+  (`enable_gradient_checkpointing`, as flash/unet.py).
 """
 import json
 from dataclasses import dataclass, fields, replace
@@ -29,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 import kernels
 from flash.layers import Attention, FeedForward, TimestepEmbedding, timestep_embedding
@@ -243,6 +245,7 @@ class PixArtTransformer2DModel(nn.Module):
     def __init__(self, cfg: PixArtConfig):
         super().__init__()
         self.config = cfg
+        self.gradient_checkpointing = False
         dim = cfg.inner_dim
         self.pos_embed = PatchEmbed(cfg)
         self.transformer_blocks = nn.ModuleList([PixArtBlock(cfg) for _ in range(cfg.num_layers)])
@@ -250,6 +253,11 @@ class PixArtTransformer2DModel(nn.Module):
         self.proj_out = nn.Linear(dim, cfg.patch_size ** 2 * cfg.out_channels)
         self.adaln_single = AdaLayerNormSingle(dim, cfg.use_additional_conditions)
         self.caption_projection = CaptionProjection(cfg.caption_channels, dim) if cfg.caption_channels else None
+
+    def enable_gradient_checkpointing(self, on=True):
+        """Recompute each block's activations in the backward pass instead of storing them (saves memory)."""
+        self.gradient_checkpointing = on
+        return self
 
     @property
     def mid_block_index(self):
@@ -276,7 +284,10 @@ class PixArtTransformer2DModel(nn.Module):
 
         mid = None
         for i, block in enumerate(self.transformer_blocks):
-            x = block(x, t6, context, context_mask)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, t6, context, context_mask, use_reentrant=False)
+            else:
+                x = block(x, t6, context, context_mask)
             if i == self.mid_block_index:
                 mid = x.transpose(1, 2).reshape(b, -1, h, w)  # (B, C, h, w), tokens are row-major
 
