@@ -32,5 +32,10 @@ def load_pipeline(path, **kw):
     return f(path, **kw)
 
 
+def save_pipeline(pipe, folder, **kw):
+    from weights.save import save_pipeline as f
+    return f(pipe, folder, **kw)
+
+
 __all__ = ["CheckpointError", "read_safetensors", "read_weights", "write_safetensors", "load_tokenizer",
-           "load_text_encoder", "load_unet", "load_vae", "load_transformer", "load_pipeline"]
+           "load_text_encoder", "load_unet", "load_vae", "load_transformer", "load_pipeline", "save_pipeline"]
