@@ -1,5 +1,6 @@
 """Train a denoiser: Flash Diffusion distillation (`--objective flash`) or plain denoising training and
-fine-tuning (`--objective diffusion`, e.g. the demo teacher). One process or `torchrun --nproc_per_node=N`:
+fine-tuning (`--objective diffusion`, e.g. the digits teacher); or the pipeline's autoencoder (`--objective
+vae`, the first stage of recipes/digits.sh). One process or `torchrun --nproc_per_node=N` (flash, diffusion):
 
     torchrun --nproc_per_node=2 train.py --model PIPELINE --data FOLDER|digits --out runs/x [options]
 
@@ -22,6 +23,8 @@ authors' reference code:
 - The phase counter counts batches and is saved (the reference counted forward calls, and forgot it on
   resume). DMD / GAN re-noising uses the true tau; --reference-quirks restores the reference's t=30 noise
   and, for PixArt, its discriminator on the model output instead of the middle block.
+- `--objective vae` is a short separate loop (section 9): one process, no resume; it ends by writing the
+  latent scaling_factor = 1 / std of the encoded training latents into the saved VAE config.
 - Test hooks, env FLASH_TRAIN_FAULT: "kill-step:N" (SIGKILL in step N), "kill-write:N" (while writing the
   checkpoint taken after N steps), "kill-swap:N" (between the renames publishing it), "nan:N,M" (NaN losses).
 """
@@ -51,7 +54,7 @@ from flash.lora import DEFAULT_TARGETS, PIXART_TARGETS, inject_lora, lora_disabl
 from flash.losses import (DEFAULTS, DiscriminatorHead, Phase, discriminator_loss, distillation_loss, dmd_loss,
                           dmd_renoise_timesteps, gan_timesteps, generator_loss, mixture_pmf, noisy_latent, phase_at,
                           renoise, sample_grid_index, student_output, teacher_target)
-from flash.pipeline import denoiser_kwargs, encode_prompt, generate
+from flash.pipeline import ENCODERS, denoiser_kwargs, encode_prompt, generate
 from flash.schedule import SCHEDULES, NoiseSchedule, cfg, timesteps
 from weights import CheckpointError, load_pipeline, read_safetensors, write_safetensors
 from weights.save import save_pipeline, save_transformer, save_unet
@@ -80,7 +83,7 @@ def parse_args(argv=None):
     a("--model", required=True, help="pipeline folder (SD1.5, SDXL, PixArt) or single-file checkpoint")
     a("--data", required=True, help="folder of images with .txt captions (or captions.jsonl), or 'digits'")
     a("--out", default="runs/train", help="log.jsonl, checkpoint-last/, samples/, final/")
-    a("--objective", choices=("flash", "diffusion"), default="flash")
+    a("--objective", choices=("flash", "diffusion", "vae"), default="flash")
     a("--resolution", type=int, help="image side (default: the denoiser's sample_size x VAE factor)")
     a("--steps", type=int, default=10000, help="optimiser steps (batches)")
     a("--batch-size", type=int, default=4, help="per rank and per micro-batch")
@@ -105,6 +108,9 @@ def parse_args(argv=None):
     a("--noise-at-true-tau", action=argparse.BooleanOptionalAction, default=True)
     a("--reference-quirks", action="store_true", help="the reference's re-noising and PixArt features")
     a("--caption-dropout", type=float, default=0.1, help="diffusion objective: P(unconditional)")
+    a("--train-text-encoder", action="store_true",
+      help="diffusion objective, SD-style pipelines: fine-tune the text encoder too (not kept by --resume)")
+    a("--kl-weight", type=float, default=1e-4, help="vae objective: weight of the per-element KL term")
     a("--precision", choices=("auto", "fp32"), default="auto", help="auto: bf16 autocast on GPU")
     a("--gradient-checkpointing", action="store_true")
     a("--checkpoint-every", type=int, default=500)
@@ -127,6 +133,7 @@ def parse_args(argv=None):
     check(args.data == "digits" or Path(args.data).is_dir(), f"--data {args.data}: no such folder (or use digits)")
     check(args.data != "digits" or DIGITS_FILE.is_file(), f"--data digits: no {DIGITS_FILE}; run flash.data fetch")
     check(0 <= args.caption_dropout <= 1, "--caption-dropout must be in [0, 1]")
+    check(not args.train_text_encoder or args.objective == "diffusion", "--train-text-encoder needs --objective diffusion")
     for name, n in (("mode_weights", 4), ("loss_weights", 3)):
         check(all(len(r) == n and min(r) >= 0 < sum(r) for r in getattr(args, name) or []),
               f"--{name.replace('_', '-')}: each phase needs {n} comma-separated numbers >= 0, not all 0")
@@ -288,6 +295,7 @@ class Models:
     dit_output_features: bool = False    # --reference-quirks on PixArt
     uncond: dict = None                  # the unconditional conditioning, batch 1
     head: torch.nn.Module = None         # the discriminator head (flash objective)
+    text_trainable: bool = False         # --train-text-encoder
 
     def teacher_mode(self):
         return lora_disabled(self.denoiser) if self.lora else nullcontext()
@@ -304,8 +312,11 @@ def encode_text(m, prompts, resolution, unconditional=False):
     """Prompts -> the denoiser's keyword arguments, by the family's recipe (flash.pipeline: SD's CLIP states,
     SDXL's two CLIPs + pooled + size ids, PixArt's T5 + mask). Unconditional: the family's own, "" for SD1.5
     and PixArt, zeros for SDXL (method.md, step 1)."""
-    cond, uncond = encode_prompt(m.pipe, list(prompts), guidance=unconditional)
-    c = uncond if unconditional else cond
+    if m.text_trainable:        # with grad (encode_prompt runs without); SD's unconditional text is ""
+        c = ENCODERS[m.pipe.family](m.pipe, [""] * len(prompts) if unconditional else list(prompts))
+    else:
+        cond, uncond = encode_prompt(m.pipe, list(prompts), guidance=unconditional)
+        c = uncond if unconditional else cond
     return {"context": c.context, **denoiser_kwargs(m.pipe, c, resolution, resolution)}
 
 
@@ -365,6 +376,11 @@ def build_models(args, device):
     m = Models(pipe, denoiser, teacher, schedule, timesteps(schedule, args.K, "trailing"), phases,
                not args.full_finetune, (vae.config.latent_channels, args.resolution // f, args.resolution // f),
                component, args.reference_quirks and pipe.family == "pixart")
+    if args.train_text_encoder:
+        if pipe.family not in ("sd15", "sd2"):
+            raise ValueError(f"--train-text-encoder: only for SD1.5 / SD2-style pipelines, not {pipe.family}")
+        pipe.text_encoders[0].requires_grad_(True)
+        m.text_trainable = True
     m.uncond = encode_text(m, [""], args.resolution, unconditional=True)
     if args.objective == "flash":     # one probe of the feature map sizes the head
         with torch.no_grad():
@@ -425,7 +441,8 @@ def flash_micro_batch(m, args, images, cond, draws, i, w, w_dmd, phase):
 def diffusion_micro_batch(m, args, images, cond, draws):
     """DDPM's simple loss mse(model(x_t, t, c), eps) (v for v-prediction models), t ~ U{0..999}; captions
     replaced by the unconditional conditioning with probability --caption-dropout, so that CFG works."""
-    uncond = cond_map(lambda u: u.expand(images.shape[0], *u.shape[1:]), m.uncond)
+    uncond = encode_text(m, [""], args.resolution, unconditional=True) if m.text_trainable else m.uncond
+    uncond = cond_map(lambda u: u.expand(images.shape[0], *u.shape[1:]), uncond)
     keep = draws["keep"]
     cond = cond_map(lambda c, u: torch.where(keep.view(-1, *[1] * (c.ndim - 1)), c, u), cond, uncond)
     z = encode_images(m, images, draws["vae"])
@@ -444,9 +461,14 @@ def trainable(m):
     return {n: p for n, p in m.denoiser.named_parameters() if p.requires_grad}
 
 
+def text_params(m):
+    return list(m.pipe.text_encoders[0].parameters()) if m.text_trainable else []
+
+
 def build_optimizers(args, m):
     """AdamW (betas .9 / .999, weight decay .01) at a constant lr, for the student and, apart, the head."""
-    opts = {"student": torch.optim.AdamW(trainable(m).values(), lr=args.lr, weight_decay=args.weight_decay)}
+    opts = {"student": torch.optim.AdamW([*trainable(m).values(), *text_params(m)], lr=args.lr,
+                                         weight_decay=args.weight_decay)}
     if m.head is not None:
         opts["disc"] = torch.optim.AdamW(m.head.parameters(), lr=args.disc_lr, weight_decay=args.weight_decay)
     return opts
@@ -598,7 +620,7 @@ def train(args):
         if d.rank == 0:
             print(f"train.py: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    student_params = list(trainable(m).values())
+    student_params = list(trainable(m).values()) + text_params(m)
     head_params = list(m.head.parameters()) if m.head is not None else []
     for p in student_params + head_params if d.world > 1 else []:
         tdist.broadcast(p.data, src=0)
@@ -716,11 +738,70 @@ def train(args):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 9. Main
+# 9. The autoencoder objective (recipes/digits.sh, stage 1): VAE weights only, then the latent scale
+
+
+def vae_loss(vae, images, noise, kl_weight):
+    """L1 + L2 reconstruction of a posterior sample plus kl_weight * KL(q(z|x) || N(0, I)), all per-element
+    means. LDM's VAEs add LPIPS and a patch GAN; on 32x32 digits plain pixel losses give sharp enough
+    strokes, and a weak KL keeps the latent smooth without blurring the reconstructions."""
+    post = vae.encode(images)
+    recon = vae.decode(post.mean + post.std * noise)
+    l1, l2 = (recon - images).abs().mean(), F.mse_loss(recon, images)
+    kl = 0.5 * (post.mean ** 2 + post.std ** 2 - 1 - post.logvar).mean()
+    return {"l1": l1, "l2": l2, "kl": kl}, l1 + l2 + kl_weight * kl, recon
+
+
+@torch.no_grad()
+def latent_scale(vae, dataset, seed, count=2000, batch=250):
+    """1 / std of posterior samples of `count` training images: the scaling_factor that gives the diffusion
+    model unit-variance latents (how SD's 0.18215 was found)."""
+    zs = []
+    for first in range(0, min(count, len(dataset)), batch):
+        images, _ = load_batch(dataset, seed, range(first, first + batch))
+        zs.append(vae.encode(images).sample(generator(seed, GRID, first)))
+    return 1.0 / torch.cat(zs).float().std().item()
+
+
+def train_vae(args):
+    """Train the pipeline's AutoencoderKL on the data, then save the pipeline with the new VAE and scale."""
+    pipe = load_pipeline(args.model)
+    args.resolution, args.lr = args.resolution or pipe.default_size, args.lr or 1e-3
+    vae, dataset, out = pipe.vae.float().train().requires_grad_(True), build_dataset(args), Path(args.out)
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(vars(args), indent=2))
+    with open(out / "log.jsonl", "w") as log:
+        for step in tqdm(range(args.steps), dynamic_ncols=True):
+            images, _ = load_batch(dataset, args.seed, range(step * args.batch_size, (step + 1) * args.batch_size))
+            f = pipe.vae_scale_factor
+            noise = torch.randn((len(images), vae.config.latent_channels, args.resolution // f,
+                                 args.resolution // f), generator=generator(args.seed, SAMPLE, step))
+            terms, loss, recon = vae_loss(vae, images, noise, args.kl_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(vae.parameters(), args.clip_grad)
+            opt.step()
+            log.write(json.dumps({"step": step, "lr": args.lr, "loss": loss.item(),
+                                  **{k: v.item() for k, v in terms.items()}}) + "\n")
+    vae.eval().requires_grad_(False)
+    vae.config.scaling_factor = latent_scale(vae, dataset, args.seed)
+    print(f"train.py: vae scaling_factor = {vae.config.scaling_factor:.5f}", file=sys.stderr)
+    pairs = torch.cat([images[:8], recon[:8].detach().clamp(-1, 1)], dim=2)      # originals over reconstructions
+    grid = (torch.cat(list(pairs), dim=2).permute(1, 2, 0).numpy() + 1) * 127.5
+    (out / "samples").mkdir(exist_ok=True)
+    Image.fromarray(grid.round().astype(np.uint8)).save(out / "samples" / f"step-{args.steps:07d}.png")
+    save_pipeline(pipe, out / "final")
+
+
+# ----------------------------------------------------------------------------------------------------
+# 10. Main
 
 
 def main(argv=None):
-    train(parse_args(argv))
+    args = parse_args(argv)
+    train_vae(args) if args.objective == "vae" else train(args)
 
 
 if __name__ == "__main__":

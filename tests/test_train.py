@@ -232,7 +232,7 @@ def test_nonfinite_steps_are_skipped_and_a_streak_stops_the_run(tiny, tmp_path):
 
 @pytest.mark.parametrize("bad", [
     ["--model", "{tmp}/nope"], ["--data", "{tmp}/nope"], ["--steps", "0"], ["--mode-weights", "1,2", "3", "4", "5"],
-    ["--loss-weights", "0,0,0", "1,1,1", "1,1,1", "1,1,1"], ["--resume"], ["--K", "2"], ["--objective", "vae"]])
+    ["--loss-weights", "0,0,0", "1,1,1", "1,1,1", "1,1,1"], ["--resume"], ["--K", "2"], ["--objective", "gan"]])
 def test_bad_input_gives_one_line(tiny, tmp_path, capsys, bad):
     pipe, data = tiny
     args = {"--model": str(pipe), "--data": str(data), "--out": str(tmp_path), "--steps": "1"}
