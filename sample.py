@@ -1,11 +1,14 @@
 """Text-to-image from the command line: a few-step Flash sample (or any other sampler) written as a PNG.
 
+    python sample.py --steps 4                # the shipped digits student: a grid of the ten digits
     python sample.py --prompt "a handwritten digit 7" --steps 4 --out seven.png
     python sample.py --model path/to/sdxl --lora flash-sdxl.safetensors --prompt "a cat" --prompt "a dog"
 
 Reads top to bottom: parse, build (load the pipeline and any LoRAs), sample (flash.pipeline.generate), save
 (one image, or a grid: a row per prompt when --batch > 1), with the prompts, seed, steps, sampler, guidance
-and model in the PNG's text metadata. The same seed gives the same image as diffusers' pipeline for that
+and model in the PNG's text metadata. With no --model, the shipped default weights/digits/ is used (recipes/digits.sh
+trains it) and, for the flash / lcm samplers, its Flash LoRA (flash_lora.safetensors) is fused in; with no
+prompt it draws the ten digits (flash.data.caption_for(0..9)). The same seed gives the same image as diffusers' pipeline for that
 model and scheduler (see flash/pipeline.py). Errors the user can cause end in one line on stderr, exit 2.
 """
 import argparse
@@ -21,6 +24,7 @@ from PIL.PngImagePlugin import PngInfo
 from flash.schedule import SAMPLERS
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "digits"
+DEFAULT_LORA = "flash_lora.safetensors"     # inside DEFAULT_MODEL: the Flash student of the shipped teacher
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -34,7 +38,8 @@ def parse_args(argv=None):
     a = p.add_argument
     a("--model", help="a diffusers pipeline folder or a single-file .safetensors checkpoint "
                       f"(default: the shipped {DEFAULT_MODEL.parent.name}/{DEFAULT_MODEL.name})")
-    a("--prompt", action="append", default=[], help="a prompt; repeat the flag for several")
+    a("--prompt", action="append", default=[],
+      help="a prompt; repeat the flag for several (default with the shipped model: the ten digit captions)")
     a("--prompts-file", help="a text file with one prompt per line (blank lines skipped), added to --prompt")
     a("--negative-prompt", help="what to steer away from (only used with CFG, i.e. --guidance > 1)")
     a("--steps", type=int, default=4, help="number of denoiser evaluations (default: %(default)s)")
@@ -86,6 +91,9 @@ def read_prompts(args):
         except (OSError, UnicodeDecodeError) as e:
             raise ValueError(f"--prompts-file {path}: not readable as UTF-8 text ({type(e).__name__})") from None
         prompts += [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts and args.model is None:      # the shipped digits model: one image per digit
+        from flash.data import caption_for
+        prompts = [caption_for(d) for d in range(10)]
     if not prompts:
         raise ValueError("no prompt: pass --prompt TEXT (repeatable) or --prompts-file FILE")
     return prompts
@@ -108,7 +116,11 @@ def build(args):
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if args.device.startswith("cuda") else torch.float32)
     pipe = weights.load_pipeline(model, dtype=dtype)
     pipe.to(device=args.device)
-    for spec in args.lora:
+    specs = list(args.lora)
+    if args.model is None and args.sampler in ("flash", "lcm") and (model / DEFAULT_LORA).is_file():
+        specs.insert(0, str(model / DEFAULT_LORA))      # the shipped student; other samplers get the teacher
+    args.lora = specs                                   # as used, for the PNG metadata
+    for spec in specs:
         path, scale = parse_lora(spec)
         if not Path(path).exists():
             raise FileNotFoundError(f"--lora {path}: no such file or folder")
@@ -130,6 +142,7 @@ def to_grid(images, cols):
 
 def save(images, args, prompts, model, guidance):
     cols = args.batch if len(prompts) > 1 and args.batch > 1 else math.ceil(math.sqrt(len(images)))
+    cols = 5 if len(images) == 10 else cols       # the ten digits as 2 rows of 5, not 4 x 3 with 2 holes
     info = PngInfo()
     for key, value in [("prompt", "\n".join(prompts)), ("negative_prompt", args.negative_prompt or ""),
                        ("seed", args.seed), ("steps", args.steps), ("sampler", args.sampler),
