@@ -25,7 +25,6 @@ Protocol (fixed, so a rerun reproduces the numbers):
 (--guidance, default 3), and the Flash student (the teacher + --lora) at 1, 2 and 4 steps without CFG.
 Errors the user can cause end in one line on stderr, exit status 2.
 """
-import argparse
 import hashlib
 import json
 import sys
@@ -37,15 +36,14 @@ import torch
 from tqdm import tqdm
 
 from flash.schedule import SAMPLERS
+from sample import DEFAULT_MODEL, DTYPES, Parser  # the same default model and one-line argparse errors
 
 ROOT = Path(__file__).resolve().parent
-DEFAULT_MODEL = ROOT / "weights" / "digits"
 DEFAULT_LORA = DEFAULT_MODEL / "flash_lora.safetensors"
 CACHE_DIR = ROOT / "data"
 REAL_TOTAL = 500                 # held-out digits: the last 50 of each class
 TEACHER_GUIDANCE = 3.0
 IMAGES_MAX, SEEDS_MAX = 2 ** 20, 2 ** 12   # image_seed() stays below 2^32
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -63,10 +61,6 @@ def readme_rows(guidance=TEACHER_GUIDANCE):
 
 
 # -- arguments ---------------------------------------------------------------------------------------
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):           # one line instead of argparse's usage block + message
-        self.exit(2, f"error: {message} (see --help)\n")
 
 
 def parse_args(argv=None):

@@ -150,28 +150,26 @@ def text_encoder_config(model, dtype=None):
             "initializer_range": 0.02, "torch_dtype": _dtype_name(model, dtype)}
 
 
-def save_unet(model, folder, dtype=None):
-    """A flash UNet2DConditionModel -> a diffusers `unet/` folder."""
+def _save_diffusers(model, folder, dtype, config_json):
     folder = Path(folder)
     write_weights(state_for_saving(model, dtype), folder / DIFFUSERS_WEIGHTS)
-    write_json(unet_config(model.config), folder / "config.json")
+    write_json(config_json(model.config), folder / "config.json")
     return folder
+
+
+def save_unet(model, folder, dtype=None):
+    """A flash UNet2DConditionModel -> a diffusers `unet/` folder."""
+    return _save_diffusers(model, folder, dtype, unet_config)
 
 
 def save_vae(model, folder, dtype=None):
     """A flash AutoencoderKL -> a diffusers `vae/` folder."""
-    folder = Path(folder)
-    write_weights(state_for_saving(model, dtype), folder / DIFFUSERS_WEIGHTS)
-    write_json(vae_config(model.config), folder / "config.json")
-    return folder
+    return _save_diffusers(model, folder, dtype, vae_config)
 
 
 def save_transformer(model, folder, dtype=None):
     """A flash PixArtTransformer2DModel -> a diffusers `transformer/` folder."""
-    folder = Path(folder)
-    write_weights(state_for_saving(model, dtype), folder / DIFFUSERS_WEIGHTS)
-    write_json(pixart_config(model.config), folder / "config.json")
-    return folder
+    return _save_diffusers(model, folder, dtype, pixart_config)
 
 
 def save_text_encoder(model, folder, dtype=None):

@@ -23,24 +23,24 @@ WEIGHTS_STEM = "diffusion_pytorch_model"
 _OLD_VAE_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 
-def build_unet(config, source="unet config"):
-    """A UNetConfig or a diffusers config dict -> UNet2DConditionModel on the meta device."""
+def _build(config_cls, model_cls, config, source):
+    """A config dataclass or a diffusers config dict -> the model on the meta device (no storage)."""
     try:
-        cfg = config if isinstance(config, UNetConfig) else UNetConfig.from_config_json(config, source)
+        cfg = config if isinstance(config, config_cls) else config_cls.from_config_json(config, source)
     except (TypeError, ValueError) as e:
         raise _config_error(e, source) from None
     with torch.device("meta"):
-        return UNet2DConditionModel(cfg)
+        return model_cls(cfg)
+
+
+def build_unet(config, source="unet config"):
+    """A UNetConfig or a diffusers config dict -> UNet2DConditionModel on the meta device."""
+    return _build(UNetConfig, UNet2DConditionModel, config, source)
 
 
 def build_vae(config, source="vae config"):
     """A VAEConfig or a diffusers config dict -> AutoencoderKL on the meta device."""
-    try:
-        cfg = config if isinstance(config, VAEConfig) else VAEConfig.from_config_json(config, source)
-    except (TypeError, ValueError) as e:
-        raise _config_error(e, source) from None
-    with torch.device("meta"):
-        return AutoencoderKL(cfg)
+    return _build(VAEConfig, AutoencoderKL, config, source)
 
 
 def _config_error(e, source):
