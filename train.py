@@ -23,6 +23,12 @@ authors' reference code:
 - The phase counter counts batches and is saved (the reference counted forward calls, and forgot it on
   resume). DMD / GAN re-noising uses the true tau; --reference-quirks restores the reference's t=30 noise
   and, for PixArt, its discriminator on the model output instead of the middle block.
+- Tasks beyond text-to-image (flash/tasks.py) come with the pipeline (`pipe.task`): an inpainting or
+  super-resolution UNet gets its image condition (`concat`: a random box mask + the masked-image latent, or
+  the latent of the image downsampled 2x or 4x and bicubic-upsampled back), an adapter pipeline the T2I-Adapter
+  features of the image's edge map. The condition goes to every call of both CFG branches (teacher, student,
+  DMD, discriminator); only the text is dropped. `--objective diffusion` on an adapter pipeline trains the
+  adapter alone, the UNet frozen (as T2I-Adapter is trained); `--objective flash` keeps the adapter frozen.
 - `--objective vae` is a short separate loop (section 9): one process, no resume; it ends by writing the
   latent scaling_factor = 1 / std of the encoded training latents into the saved VAE config.
 - Test hooks, env FLASH_TRAIN_FAULT: "kill-step:N" (SIGKILL in step N), "kill-write:N" (while writing the
@@ -56,8 +62,10 @@ from flash.losses import (DEFAULTS, DiscriminatorHead, Phase, discriminator_loss
                           renoise, sample_grid_index, student_output, teacher_target)
 from flash.pipeline import ENCODERS, denoiser_kwargs, encode_prompt, generate
 from flash.schedule import SCHEDULES, NoiseSchedule, cfg, timesteps
+from flash.tasks import (UPSCALE_FACTORS, downsample, edge_map, encode, extra_channels, inpaint_condition,
+                         random_masks, task_inputs, upsample)
 from weights import CheckpointError, load_pipeline, read_safetensors, write_safetensors
-from weights.save import save_pipeline, save_transformer, save_unet
+from weights.save import save_adapter, save_pipeline, save_transformer, save_unet
 
 # ----------------------------------------------------------------------------------------------------
 # 1. Config and command line
@@ -243,6 +251,11 @@ def sample_draws(args, positions, latent_shape, device):
         return each(lambda g: torch.randn((1, *latent_shape), generator=g))
 
     draws = {"vae": normal(), "eps": normal()}
+    if args.task == "inpaint":         # drawn after the draws every task has, so those do not move
+        draws.update(mask=each(lambda g: random_masks(1, args.resolution, g)), mask_noise=normal())
+    elif args.task == "upscale":
+        draws["factor"] = each(lambda g: torch.tensor(UPSCALE_FACTORS)[torch.randint(len(UPSCALE_FACTORS), (1,),
+                                                                                      generator=g)])
     if args.objective == "flash":
         draws.update(dmd_tau=each(lambda g: dmd_renoise_timesteps(1, g, *args.dmd_tau)), dmd_noise=normal(),
                      gan_tau=each(lambda g: gan_timesteps(1, g)), gan_noise=normal())
@@ -296,16 +309,52 @@ class Models:
     uncond: dict = None                  # the unconditional conditioning, batch 1
     head: torch.nn.Module = None         # the discriminator head (flash objective)
     text_trainable: bool = False         # --train-text-encoder
+    task: str = "text-to-image"          # flash.tasks.TASKS, from the pipeline
+    adapter_trainable: bool = False      # diffusion objective on an adapter pipeline: train the adapter only
 
     def teacher_mode(self):
         return lora_disabled(self.denoiser) if self.lora else nullcontext()
 
+    @property
+    def trained(self):
+        """The module whose parameters train: the adapter, or the denoiser (its LoRA or every weight)."""
+        return self.pipe.adapter if self.adapter_trainable else self.denoiser
+
+
+IMAGE_KEYS = ("concat", "adapter_residuals")      # the image condition inside a conditioning dict
+
 
 def cond_map(fn, *conds):
-    """fn over the matching tensors of conditioning dicts {context, context_mask, added_cond: {...}}."""
+    """fn over the matching tensors of conditioning dicts {context, context_mask, added_cond: {...},
+    concat, adapter_residuals: [...]}."""
     if isinstance(conds[0], dict):
         return {k: cond_map(fn, *(c[k] for c in conds)) for k in conds[0]}
+    if isinstance(conds[0], (list, tuple)):
+        return [cond_map(fn, *parts) for parts in zip(*conds)]
     return None if conds[0] is None else fn(*conds)
+
+
+def with_image_condition(uncond, cond):
+    """The unconditional branch: the text of `uncond` (expanded to the batch), the image condition of `cond`
+    (method.md, Tasks: the condition is present in both CFG branches)."""
+    n = cond["context"].shape[0]
+    text = cond_map(lambda u: u.expand(n, *u.shape[1:]), uncond)
+    return {**text, **{k: cond[k] for k in IMAGE_KEYS if k in cond}}
+
+
+def image_condition(m, images, draws):
+    """The task's image condition for a batch of training images in [-1, 1] (flash/tasks.py)."""
+    if m.task == "inpaint":
+        return {"concat": inpaint_condition(m.pipe.vae, images.float(), draws["mask"], draws["mask_noise"])}
+    if m.task == "upscale":
+        size = images.shape[-1]
+        # each image at its own factor, bicubic-upsampled back, then one batched encode
+        up = torch.cat([upsample(downsample(img[None].float(), int(f)), size) for img, f in zip(images, draws["factor"])])
+        return {"concat": encode(m.pipe.vae, up)}
+    if m.task == "adapter":
+        with torch.set_grad_enabled(m.adapter_trainable and torch.is_grad_enabled()):
+            return {"adapter_residuals": m.pipe.adapter(edge_map(images))}
+    return {}
 
 
 def encode_text(m, prompts, resolution, unconditional=False):
@@ -355,15 +404,27 @@ def build_models(args, device):
         raise ValueError(f"--model {args.model}: the pipeline has no text encoder / tokenizer to encode captions")
     phases = resolve_defaults(args, pipe.family)
     denoiser, vae = pipe.denoiser, pipe.vae
-    for module in [vae, *pipe.text_encoders, denoiser]:      # frozen: VAE, text encoders, base weights
-        module.requires_grad_(False).eval().to(device)
+    args.task = pipe.task
+    want = vae.config.latent_channels + extra_channels(pipe.task, vae.config.latent_channels)
+    if denoiser.config.in_channels != want:
+        raise ValueError(f"--model {args.model}: a {pipe.task} pipeline needs a denoiser with {want} input "
+                         f"channels, this one has {denoiser.config.in_channels}")
+    adapter_trainable = pipe.task == "adapter" and args.objective == "diffusion"
+    if adapter_trainable:
+        args.full_finetune = False      # the UNet stays frozen: neither LoRA nor full fine-tuning
+    for module in [vae, *pipe.text_encoders, denoiser, pipe.adapter]:   # frozen: VAE, text encoders, base weights
+        if module is not None:
+            module.requires_grad_(False).eval().to(device)
     schedule = NoiseSchedule.from_config(pipe.scheduler_config) if pipe.scheduler_config \
         else SCHEDULES[family_key(pipe.family)]
     f = pipe.vae_scale_factor
     args.resolution = args.resolution or pipe.default_size
     if args.resolution % pipe.size_multiple:
         raise ValueError(f"--resolution {args.resolution} is not a multiple of {pipe.size_multiple} for this model")
-    if args.full_finetune:
+    if adapter_trainable:
+        teacher = None
+        pipe.adapter.requires_grad_(True).train()
+    elif args.full_finetune:
         teacher = copy.deepcopy(denoiser) if args.objective == "flash" else None
         denoiser.requires_grad_(True)
     else:
@@ -375,7 +436,9 @@ def build_models(args, device):
     component = "transformer" if pipe.family == "pixart" else "unet"
     m = Models(pipe, denoiser, teacher, schedule, timesteps(schedule, args.K, "trailing"), phases,
                not args.full_finetune, (vae.config.latent_channels, args.resolution // f, args.resolution // f),
-               component, args.reference_quirks and pipe.family == "pixart")
+               component, args.reference_quirks and pipe.family == "pixart", task=pipe.task,
+               adapter_trainable=adapter_trainable)
+    m.lora = m.lora and not adapter_trainable
     if args.train_text_encoder:
         if pipe.family not in ("sd15", "sd2"):
             raise ValueError(f"--train-text-encoder: only for SD1.5 / SD2-style pipelines, not {pipe.family}")
@@ -383,8 +446,12 @@ def build_models(args, device):
         m.text_trainable = True
     m.uncond = encode_text(m, [""], args.resolution, unconditional=True)
     if args.objective == "flash":     # one probe of the feature map sizes the head
+        blank = torch.zeros(1, 3, args.resolution, args.resolution, device=device)
+        probe = {"mask": torch.ones_like(blank[:, :1]), "mask_noise": torch.zeros(1, *m.latent_shape, device=device),
+                 "factor": torch.tensor([UPSCALE_FACTORS[0]])}
         with torch.no_grad():
-            feats = features(m, torch.zeros(1, *m.latent_shape, device=device), 999, m.uncond)
+            cond = {**m.uncond, **image_condition(m, blank, probe)}
+            feats = features(m, torch.zeros(1, *m.latent_shape, device=device), 999, cond)
         native = {"sd15": (1280, 8, 8), "sdxl": (1280, 32, 32)}.get(pipe.family)
         preset = pipe.family if native == tuple(feats.shape[1:]) else None
         m.head = DiscriminatorHead(feats.shape[1], tuple(feats.shape[2:]), preset=preset).to(device)
@@ -404,7 +471,7 @@ def encode_images(m, images, noise):
 
 def flash_micro_batch(m, args, images, cond, draws, i, w, w_dmd, phase):
     """method.md, "One training step", steps 1 to 7."""
-    uncond = cond_map(lambda u: u.expand(images.shape[0], *u.shape[1:]), m.uncond)
+    uncond = with_image_condition(m.uncond, cond)
     z = encode_images(m, images, draws["vae"])                                   # step 1
     t = int(m.grid[i])
     x_t = noisy_latent(z, draws["eps"], i, m.grid, m.schedule)                    # step 3
@@ -442,7 +509,7 @@ def diffusion_micro_batch(m, args, images, cond, draws):
     """DDPM's simple loss mse(model(x_t, t, c), eps) (v for v-prediction models), t ~ U{0..999}; captions
     replaced by the unconditional conditioning with probability --caption-dropout, so that CFG works."""
     uncond = encode_text(m, [""], args.resolution, unconditional=True) if m.text_trainable else m.uncond
-    uncond = cond_map(lambda u: u.expand(images.shape[0], *u.shape[1:]), uncond)
+    uncond = with_image_condition(uncond, cond)
     keep = draws["keep"]
     cond = cond_map(lambda c, u: torch.where(keep.view(-1, *[1] * (c.ndim - 1)), c, u), cond, uncond)
     z = encode_images(m, images, draws["vae"])
@@ -458,7 +525,7 @@ def diffusion_micro_batch(m, args, images, cond, draws):
 
 
 def trainable(m):
-    return {n: p for n, p in m.denoiser.named_parameters() if p.requires_grad}
+    return {n: p for n, p in m.trained.named_parameters() if p.requires_grad}
 
 
 def text_params(m):
@@ -487,6 +554,9 @@ def save_snapshot(m, folder):
         save_lora(m.denoiser, folder / "pytorch_lora_weights.safetensors", "diffusers", prefix=m.component)
         if m.component == "transformer":
             save_lora(m.denoiser, folder, "peft")
+        return
+    if m.adapter_trainable:
+        save_adapter(m.pipe.adapter, folder / "adapter")
         return
     (save_transformer if m.component == "transformer" else save_unet)(m.denoiser, folder / m.component)
 
@@ -543,7 +613,8 @@ def load_checkpoint(path, args, m, opts, device):
                "checkpoint_every", "sample_prompts") and json.dumps(v) != json.dumps(getattr(args, k, None))]
     if changed and int(os.environ.get("RANK", 0)) == 0:
         print(f"train.py: warning: resuming with changed settings: {', '.join(changed)}", file=sys.stderr)
-    source = path / ("trainable.safetensors" if m.lora else f"{m.component}/diffusion_pytorch_model.safetensors")
+    trained = "adapter" if m.adapter_trainable else m.component
+    source = path / ("trainable.safetensors" if m.lora else f"{trained}/diffusion_pytorch_model.safetensors")
     tensors, params = read_safetensors(source), trainable(m)
     if set(tensors) != set(params):
         raise CheckpointError(f"{source}: its tensors are not this model's trainable parameters (other --lora-* ?)")
@@ -575,24 +646,28 @@ def export_final(args, m):
 # 7. Sample grid: the student at 1, 2 and 4 steps beside the teacher (flash), or the model with / without CFG
 
 
-def sample_grid(args, m, prompts, step):
+def sample_grid(args, m, batch, step):
+    """A row per sample of `batch` (images, captions); columns: [the task's input,] then the student at
+    1, 2, 4 steps and the teacher at 25 (flash), or the model with / without CFG (diffusion)."""
+    images, prompts = batch
+    task_kw, shown = task_inputs(m.task, images.to(m.pipe.device), generator(args.seed, GRID))
     g_mid = sum(args.guidance) / 2
     if args.objective == "flash":      # the student without CFG (method.md, Inference), the teacher with it
         cols = [(False, "flash", s, 0.0) for s in (1, 2, 4)] + [(True, "dpm++2m", 25, g_mid)]
     else:
         cols = [(False, "dpm++2m", 25, g_mid), (False, "dpm++2m", 25, 0.0)]
-    images = []
+    columns = [] if shown is None else [shown.cpu()]
     for teacher, sampler, steps, guidance in cols:
         if teacher and not m.lora:
             setattr(m.pipe, m.component, m.teacher)
         try:
             with m.teacher_mode() if teacher else nullcontext():
-                images.append(generate(m.pipe, prompts, steps=steps, sampler=sampler, guidance=guidance,
+                columns.append(generate(m.pipe, prompts, steps=steps, sampler=sampler, guidance=guidance,
                                        height=args.resolution, width=args.resolution, progress=False,
-                                       generator=generator(args.seed, GRID)))      # same noise in every column
+                                       generator=generator(args.seed, GRID), **task_kw).cpu())  # same noise
         finally:
             setattr(m.pipe, m.component, m.denoiser)
-    grid = torch.cat([torch.cat([col[r] for col in images], dim=2) for r in range(len(prompts))], dim=1)
+    grid = torch.cat([torch.cat([col[r] for col in columns], dim=2) for r in range(len(prompts))], dim=1)
     path = Path(args.out) / "samples" / f"step-{step:07d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray((grid.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)).save(path)
@@ -654,7 +729,7 @@ def train(args):
             images = images.to(d.device)
             draws = sample_draws(args, positions, m.latent_shape, d.device)
             with amp:
-                cond = encode_text(m, captions, args.resolution)
+                cond = {**encode_text(m, captions, args.resolution), **image_condition(m, images, draws)}
                 if args.objective == "flash":
                     terms, loss, disc = flash_micro_batch(m, args, images, cond, draws, i, w, w_dmd, phase)
                 else:
@@ -718,8 +793,8 @@ def train(args):
             raise SystemExit(f"train.py: stopping at step {step}: {streak} steps in a row had a non-finite loss or "
                              f"gradient; the last finite weights are in {out}/checkpoint-last (lower --lr? bad data?)")
         if d.rank == 0 and args.sample_every and ((step + 1) % args.sample_every == 0 or done):
-            prompts = prompts or load_batch(dataset, args.seed, range(min(4, len(dataset))))[1]
-            sample_grid(args, m, prompts, step + 1)
+            images, captions = load_batch(dataset, args.seed, range(len(prompts) if prompts else min(4, len(dataset))))
+            sample_grid(args, m, (images, prompts or captions), step + 1)
         if stopping:
             if d.rank == 0:
                 print(f"\ntrain.py: stop signal: checkpoint saved after step {step + 1} in {out}/checkpoint-last",

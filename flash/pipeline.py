@@ -11,8 +11,23 @@ folder or a single-file checkpoint. `generate` is one loop for every family and 
 The family differences are kept in two places: `encode_prompt` (which text states, pooled vector, padding
 mask) and `denoiser_kwargs` (SDXL's size/crop ids, PixArt's resolution/aspect-ratio conditions and mask).
 
+Tasks beyond text-to-image (`pipe.task`, flash/tasks.py; UNet families only) add an image condition that
+enters BOTH CFG branches (only the text is dropped for the unconditional one), built once per call by
+`task_condition` from images in [0, 1]:
+- "inpaint" (diffusers' StableDiffusionInpaintPipeline at strength 1): `image` + `mask` (1 = repaint,
+  binarized at 0.5) at the output size -> concat [mask, latent SAMPLE of the masked image]. The generator
+  draws the initial noise FIRST, then the masked-image posterior sample, then the sampler's own draws.
+- "upscale" (flash's FlashUpscalePipeline): `image` = the low-res image, output = its size x `upscale`
+  -> concat [posterior mean of the bicubic-upsampled image]. Square outputs only (flash.tasks.upsample).
+- "adapter" (diffusers' StableDiffusionAdapterPipeline): `adapter_image` at the output size -> T2I-Adapter
+  features x `adapter_scale`, added to the UNet's down path.
+Condition images are (1 or one per prompt, c, H, W) and follow the prompts' repeat_interleave order for
+`batch`. (diffusers tiles one-per-prompt images with `repeat` for num_images_per_prompt > 1, pairing them
+with the wrong prompts; flash keeps image i with prompt i.)
+
 Parity with diffusers' StableDiffusionPipeline, StableDiffusionXLPipeline and PixArtAlphaPipeline is the
-contract (tests/test_pipeline.py): same seed -> same initial latents -> same images. Reproduced on purpose:
+contract (tests/test_pipeline.py), and with StableDiffusionInpaintPipeline / StableDiffusionAdapterPipeline
+(tests/test_task_pipelines.py): same seed -> same initial latents -> same images. Reproduced on purpose:
 - CFG runs when guidance > 1 (`do_classifier_free_guidance`), with the unconditional half FIRST in the batch;
   the LCM / Flash samplers default to guidance 0 (no CFG, one model call per step).
 - SDXL zeroes the unconditional text states and pooled vector when no negative prompt is given and the
@@ -26,7 +41,9 @@ contract (tests/test_pipeline.py): same seed -> same initial latents -> same ima
 Deviations: PixArt's resolution binning (diffusers renders at the nearest trained aspect ratio and resizes
 back) is not done: the image is rendered at the asked size, as `use_resolution_binning=False`. CFG is
 combined in fp32 (diffusers: in the model dtype). Prompts longer than the tokenizer's length are truncated
-silently. No prompt weighting, clip skip, guidance rescale, IP-adapters or inpainting UNets.
+silently. Condition images are not resized (their size must be the output's), inpainting runs at strength
+1 only and has no legacy 4-channel (latent blending) mode. No prompt weighting, clip skip, guidance rescale
+or IP-adapters.
 """
 import math
 from dataclasses import dataclass, field
@@ -37,6 +54,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from flash.schedule import SAMPLERS, NoiseSchedule, cfg, randn, sample
+from flash.tasks import TASKS, binarize_mask, extra_channels, inpaint_condition, upscale_condition
 
 PIXART_MAX_LENGTH = 120     # PixArt-alpha trained with 120 T5 tokens (its paper, Sec. 3.1)
 
@@ -51,7 +69,13 @@ class Pipeline:
     unet: nn.Module = None           # SD families
     transformer: nn.Module = None    # PixArt
     config: dict = field(default_factory=dict)  # model_index.json contents (force_zeros_for_empty_prompt, ...)
-    inpainting: bool = False         # a 9-channel UNet (noisy latent + mask + masked-image latent)
+    task: str = "text-to-image"      # flash.tasks.TASKS: "text-to-image" | "inpaint" | "upscale" | "adapter"
+    adapter: nn.Module = None        # flash.adapter.T2IAdapter (task "adapter")
+
+    @property
+    def inpainting(self):
+        """A 9-channel-style UNet: noisy latent + mask + masked-image latent."""
+        return self.task == "inpaint"
 
     @property
     def denoiser(self):
@@ -83,7 +107,7 @@ class Pipeline:
 
     def to(self, device=None, dtype=None):
         """Move every model; the VAE keeps fp32 if its config says force_upcast (it overflows in fp16)."""
-        for m in (self.unet, self.transformer, *self.text_encoders):
+        for m in (self.unet, self.transformer, self.adapter, *self.text_encoders):
             if m is not None:
                 m.to(device=device, dtype=dtype)
         keep = dtype in (torch.float16, torch.bfloat16) and getattr(self.vae.config, "force_upcast", False)
@@ -191,12 +215,16 @@ def denoiser_kwargs(pipe, c, height, width):
     return {}
 
 
-def make_model_fn(pipe, cond, uncond, guidance, height, width):
+def make_model_fn(pipe, cond, uncond, guidance, height, width, image_cond=None):
     """model_fn(x, t) -> eps / v for the samplers: one denoiser call on [uncond; cond] when guiding
-    (diffusers' order), combined by CFG; PixArt's learned-variance channels are dropped."""
+    (diffusers' order), combined by CFG; PixArt's learned-variance channels are dropped. image_cond: the
+    task's denoiser kwargs for the cond rows (`task_condition`), given to the unconditional rows too."""
     model, dtype = pipe.denoiser, pipe.dtype
     c = cond if uncond is None else cat(uncond, cond)
-    kw = denoiser_kwargs(pipe, c, height, width)
+    image_cond = image_cond or {}
+    if uncond is not None:
+        image_cond = {k: _rows(v, lambda x: torch.cat([x, x])) for k, v in image_cond.items()}
+    kw = {**denoiser_kwargs(pipe, c, height, width), **image_cond}
     channels = pipe.vae.config.latent_channels
 
     def model_fn(x, t):
@@ -207,6 +235,106 @@ def make_model_fn(pipe, cond, uncond, guidance, height, width):
         out_uncond, out_cond = out.chunk(2)
         return cfg(out_cond, out_uncond, guidance)
     return model_fn
+
+
+# -- image conditions of the tasks (flash/tasks.py) ----------------------------------------------------
+
+# What each task takes besides the prompts; `upscale` is the factor that sets the output size.
+TASK_INPUTS = {"text-to-image": (), "inpaint": ("image", "mask"), "upscale": ("image", "upscale"),
+               "adapter": ("adapter_image",)}
+TAKEN_BY = {"image": "inpaint and upscale pipelines", "mask": "inpaint pipelines", "upscale": "upscale pipelines",
+            "adapter_image": "adapter pipelines"}
+
+
+def _rows(v, f):
+    """f applied to a condition tensor, or to each tensor of a list (adapter features)."""
+    return [f(x) for x in v] if isinstance(v, (list, tuple)) else f(v)
+
+
+def _size(x):
+    return f"{x.shape[-2]}x{x.shape[-1]}"
+
+
+def _check_image(name, x, channels, task, n):
+    """x: a float tensor (1 or n, channels, H, W) in [0, 1]."""
+    if not torch.is_tensor(x) or x.dim() != 4:
+        got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+        raise ValueError(f"{name}: expected a tensor (N, {channels}, H, W) in [0, 1], got {got}")
+    if x.shape[1] != channels:
+        raise ValueError(f"{name}: {x.shape[1]} channels, this {task} pipeline takes {channels}")
+    if x.shape[0] not in (1, n):
+        raise ValueError(f"{name}: {x.shape[0]} images for {n} prompts (give 1, or one per prompt)")
+    lo, hi = x.min().item(), x.max().item()
+    if lo < 0 or hi > 1:
+        raise ValueError(f"{name}: values must be in [0, 1], got [{lo:.3g}, {hi:.3g}]")
+
+
+def task_size(pipe, n, height=None, width=None, image=None, mask=None, upscale=None, adapter_image=None):
+    """Check the image conditions that pipe.task takes (n prompts) -> the output (height, width):
+    the condition image's size (inpaint, adapter) or the low-res size x upscale, else height / width."""
+    task = pipe.task
+    if task not in TASKS:
+        raise ValueError(f"pipe.task {task!r} is not one of {', '.join(TASKS)}")
+    given = {"image": image, "mask": mask, "upscale": upscale, "adapter_image": adapter_image}
+    for name, value in given.items():
+        if value is not None and name not in TASK_INPUTS[task]:
+            raise ValueError(f"{name}: this {task} pipeline takes no {name} (only {TAKEN_BY[name]} do)")
+    if task == "text-to-image":
+        return height, width
+    if pipe.unet is None:
+        raise ValueError(f"task {task!r} needs a UNet pipeline; this {pipe.family} pipeline has none")
+    needed = [k for k in TASK_INPUTS[task] if k != "upscale"]
+    for name in needed:
+        if given[name] is None:
+            raise ValueError(f"{name}: missing; this {task} pipeline needs {' and '.join(needed)}")
+
+    rgb = getattr(pipe.vae.config, "in_channels", 3)
+    if task == "adapter":
+        if pipe.adapter is None:
+            raise ValueError("adapter_image: this adapter pipeline has no adapter (pipe.adapter is None)")
+        _check_image("adapter_image", adapter_image, pipe.adapter.config.in_channels, task, n)
+        size, what = tuple(adapter_image.shape[-2:]), "adapter_image"
+    else:
+        _check_image("image", image, rgb, task, n)
+        size, what = tuple(image.shape[-2:]), "image"
+    if task == "inpaint":
+        _check_image("mask", mask, 1, task, n)
+        if mask.shape[-2:] != image.shape[-2:]:
+            raise ValueError(f"mask: size {_size(mask)} differs from the image's {_size(image)}")
+    if task == "upscale":
+        if upscale is None and (height is None or width is None):
+            raise ValueError("upscale: the factor is required (or give both height and width)")
+        if upscale is None:
+            size = (height, width)
+        elif isinstance(upscale, bool) or not isinstance(upscale, int) or upscale < 1:
+            raise ValueError(f"upscale: an integer factor >= 1, got {upscale!r}")
+        else:
+            size, what = (size[0] * upscale, size[1] * upscale), f"low-res image ({_size(image)}) x {upscale}"
+    asked = (height or size[0], width or size[1])
+    if asked != size:
+        raise ValueError(f"height/width: {asked[0]}x{asked[1]} differs from the {what} size {size[0]}x{size[1]}")
+    return size
+
+
+@torch.no_grad()
+def task_condition(pipe, height, width, image=None, mask=None, adapter_image=None, adapter_scale=1.0,
+                   generator=None):
+    """The denoiser kwargs of pipe.task for the given condition images in [0, 1] (checked by task_size):
+    {"concat": (N, extra, h, w)} or {"adapter_residuals": [features]} ({} for text-to-image), N = the
+    number of images given. Inpainting draws its masked-image latent sample from `generator`."""
+    vae_device = next(pipe.vae.parameters()).device
+    if pipe.task == "inpaint":
+        n = max(image.shape[0], mask.shape[0])          # one image with one mask per prompt, or vice versa
+        image = image.expand(n, -1, -1, -1).to(vae_device, torch.float32) * 2 - 1
+        mask = binarize_mask(mask.expand(n, -1, -1, -1).to(vae_device, torch.float32))
+        return {"concat": inpaint_condition(pipe.vae, image, mask, generator=generator)}
+    if pipe.task == "upscale":
+        return {"concat": upscale_condition(pipe.vae, image.to(vae_device, torch.float32) * 2 - 1,
+                                                  (height, width))}
+    if pipe.task == "adapter":
+        device = next(pipe.adapter.parameters()).device
+        return {"adapter_residuals": pipe.adapter(adapter_image.to(device), adapter_scale)}
+    return {}
 
 
 # -- latents -> images ----------------------------------------------------------------------------------
@@ -247,7 +375,8 @@ def default_guidance(sampler):
 @torch.no_grad()
 def generate(pipe, prompts=None, steps=4, sampler="flash", guidance=None, height=None, width=None, seed=0,
              generator=None, negative_prompt=None, batch=1, progress=True, eta=0.0,
-             prompt_embeds=None, negative_embeds=None):
+             prompt_embeds=None, negative_embeds=None, image=None, mask=None, upscale=None, adapter_image=None,
+             adapter_scale=1.0):
     """Prompts -> float images (len(prompts) * batch, 3, H, W) in [0, 1], image i*batch + j for prompt i.
 
     The initial latents are drawn as diffusers draws them: randn (B, C, H/f, W/f) from `generator` (by
@@ -255,6 +384,9 @@ def generate(pipe, prompts=None, steps=4, sampler="flash", guidance=None, height
     LCM re-noising draws. guidance <= 1 means no CFG (None: 0 for flash/lcm, 7.5 otherwise).
     prompt_embeds / negative_embeds: already encoded Conditioning instead of prompts (diffusers' arguments
     of the same names); the negative one is needed only when guiding.
+    Task pipelines (module docstring), condition images (1 or one per prompt, c, H, W) in [0, 1]:
+    inpaint: image + mask at the output size; upscale: image (low-res) and the integer factor `upscale`;
+    adapter: adapter_image at the output size, its features scaled by adapter_scale.
     """
     guidance = default_guidance(sampler) if guidance is None else float(guidance)
     if prompt_embeds is not None:
@@ -271,12 +403,15 @@ def generate(pipe, prompts=None, steps=4, sampler="flash", guidance=None, height
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     if not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be an integer >= 1, got {batch!r}")
+    n = len(prompts) if prompt_embeds is None else cond.context.shape[0]
+    height, width = task_size(pipe, n, height, width, image, mask, upscale, adapter_image)
     height, width = height or pipe.default_size, width or pipe.default_size
     check_size(pipe, height, width)
     channels = pipe.vae.config.latent_channels
-    if pipe.denoiser.config.in_channels != channels:
-        raise ValueError(f"the denoiser takes {pipe.denoiser.config.in_channels} input channels (an inpainting "
-                         f"model?); text-to-image needs {channels}")
+    want = channels + extra_channels(pipe.task, channels)
+    if pipe.denoiser.config.in_channels != want:
+        raise ValueError(f"the denoiser takes {pipe.denoiser.config.in_channels} input channels; this {pipe.task} "
+                         f"pipeline needs {want} (latent {channels} + {want - channels} condition channels)")
 
     if prompt_embeds is None:
         cond, uncond = encode_prompt(pipe, prompts, negative_prompt, guidance=guidance > 1)
@@ -287,9 +422,13 @@ def generate(pipe, prompts=None, steps=4, sampler="flash", guidance=None, height
         generator = torch.Generator("cpu").manual_seed(seed)
     f = pipe.vae_scale_factor
     noise = randn((cond.context.shape[0], channels, height // f, width // f), generator, pipe.device, pipe.dtype)
+    # After the noise: diffusers' inpainting pipeline draws the masked-image latent sample second.
+    image_cond = task_condition(pipe, height, width, image, mask, adapter_image, adapter_scale, generator)
+    image_cond = {k: _rows(v, lambda x: x.to(pipe.device).expand(n, *x.shape[1:]).repeat_interleave(batch, 0))
+                  for k, v in image_cond.items()}
 
     schedule = schedule_for(sampler, pipe.scheduler_config)
-    model_fn = make_model_fn(pipe, cond, uncond, guidance, height, width)
+    model_fn = make_model_fn(pipe, cond, uncond, guidance, height, width, image_cond)
     with _progress(steps, progress, sampler) as bar:
         def counted(x, t):
             out = model_fn(x, t)

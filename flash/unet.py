@@ -11,8 +11,17 @@ module tree equals the keys of a diffusers `unet/` folder, so weights load with 
       -> up levels [concat skip, ResNet(emb), Transformer(context)] x (n+1), upsample
       -> GroupNorm+SiLU -> conv_out  = eps (or v) prediction
 
+Image conditions (flash's tasks beyond text-to-image, docs/method.md):
+- `concat`: extra input channels concatenated to the noisy latent before conv_in, as SD's inpainting UNets
+  (mask 1 + masked-image latent 4, in_channels 9) and the latent super-resolution model (low-res latent 4).
+- `adapter_residuals`: a T2I-Adapter's multi-scale features (flash/adapter.py), added where diffusers'
+  `down_intrablock_additional_residuals` adds them: one per down level, to the output of the level's last
+  (ResNet, Transformer) pair before its downsampler, or, for a level without attention, to the level's
+  output after the downsampler (an in-place add in diffusers, so that level's last skip carries it too); a
+  feature left over whose shape equals the mid-block output is added there (T2I-Adapter-XL).
+
 Deviations: only the configurations released for SD1.x/2.x/XL are supported (others raise a ValueError
-naming the field); attention masks, ControlNet/adapter residuals, class labels and GLIGEN are not.
+naming the field); attention masks, ControlNet residuals, class labels and GLIGEN are not.
 `upcast_attention` is accepted and always honoured: the attention kernel keeps softmax statistics in fp32.
 """
 import dataclasses
@@ -199,16 +208,21 @@ class DownBlock(nn.Module):
                                          for _ in range(n)]) if attn else None
         self.downsamplers = nn.ModuleList([Downsample2D(out_ch, cfg.downsample_padding)]) if downsample else None
 
-    def forward(self, x, emb, context):
+    def forward(self, x, emb, context, residual=None):
+        """`residual`: an adapter feature (see the module docstring for where it is added)."""
         skips = []
         for i, resnet in enumerate(self.resnets):
             x = resnet(x, emb)
             if self.attentions is not None:
                 x = self.attentions[i](x, context)
+                if residual is not None and i == len(self.resnets) - 1:
+                    x = x + residual
             skips.append(x)
         if self.downsamplers is not None:
             x = self.downsamplers[0](x)
             skips.append(x)
+        if residual is not None and self.attentions is None:
+            x = skips[-1] = x + residual
         return x, skips
 
 
@@ -310,18 +324,28 @@ class UNet2DConditionModel(nn.Module):
             emb = emb + self.add_embedding(torch.cat([text, ids.reshape(text.shape[0], -1)], dim=-1).to(dtype))
         return emb
 
-    def forward(self, x, t, context, added_cond=None, return_mid=False):
-        """x (B, in_channels, H, W) noisy latents, t timesteps, context (B, L, cross_attention_dim) text states.
+    def forward(self, x, t, context, added_cond=None, return_mid=False, concat=None, adapter_residuals=None):
+        """x (B, C, H, W) noisy latents, t timesteps, context (B, L, cross_attention_dim) text states;
+        concat (B, in_channels - C, H, W) image conditions; adapter_residuals: a list of adapter features.
         Returns the eps / v prediction (B, out_channels, H, W), and the mid-block output if return_mid."""
         emb = self.embed(t, x.shape[0], x.dtype, added_cond)
         context = context.to(x.dtype)
+        if concat is not None:
+            x = torch.cat([x, concat.to(x.dtype)], dim=1)
+        if x.shape[1] != self.config.in_channels:
+            raise ValueError(f"this UNet takes {self.config.in_channels} input channels, got {x.shape[1]} "
+                             "(the noisy latent plus `concat`: an inpainting / super-resolution condition?)")
+        residuals = [r.to(x.dtype) for r in adapter_residuals or []]
 
         h = self.conv_in(x)
         skips = [h]
         for block in self.down_blocks:
-            h, states = self._run(block, h, emb, context)
+            residual = residuals.pop(0) if residuals else None
+            h, states = self._run(block, h, emb, context, residual)
             skips += states
         h = mid = self._run(self.mid_block, h, emb, context)
+        if residuals and residuals[0].shape == h.shape:        # T2I-Adapter-XL's last feature
+            h = mid = h + residuals.pop(0)
         for block in self.up_blocks:
             k = len(block.resnets)
             skips, mine = skips[:-k], skips[-k:]

@@ -272,7 +272,7 @@ def test_errors(tmp_path):
     with pytest.raises(ValueError, match="not a CLIPTextModel or T5EncoderModel"):
         save_text_encoder(torch.nn.Linear(2, 2), tmp_path / "te")
     pipe = pixart_pipe()
-    pipe.inpainting = True
+    pipe.task = "inpaint"
     with pytest.raises(ValueError, match="no diffusers pipeline class for family 'pixart' \\(inpainting\\)"):
         save_pipeline(pipe, tmp_path / "x")
     assert not os.path.exists(tmp_path / "x")

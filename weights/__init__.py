@@ -22,6 +22,11 @@ def load_vae(folder, **kw):
     return f(folder, **kw)
 
 
+def load_adapter(folder, **kw):
+    from weights.sd import load_adapter as f
+    return f(folder, **kw)
+
+
 def load_transformer(folder, **kw):
     from weights.pixart import load_transformer as f
     return f(folder, **kw)
@@ -38,4 +43,4 @@ def save_pipeline(pipe, folder, **kw):
 
 
 __all__ = ["CheckpointError", "read_safetensors", "read_weights", "write_safetensors", "load_tokenizer",
-           "load_text_encoder", "load_unet", "load_vae", "load_transformer", "load_pipeline", "save_pipeline"]
+           "load_text_encoder", "load_unet", "load_vae", "load_adapter", "load_transformer", "load_pipeline", "save_pipeline"]

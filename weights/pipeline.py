@@ -1,6 +1,6 @@
-"""weights.load_pipeline: a whole text-to-image model (denoiser, VAE, text encoders, tokenizers, scheduler
-config) from a diffusers pipeline folder or a Stable Diffusion single-file checkpoint, as a
-flash.pipeline.Pipeline.
+"""weights.load_pipeline: a whole model, text-to-image or a task pipeline (denoiser, VAE, text encoders,
+tokenizers, scheduler config, T2I-Adapter) from a diffusers pipeline folder or a Stable Diffusion single-file
+checkpoint, as a flash.pipeline.Pipeline.
 
 - A pipeline folder (`model_index.json` + one folder per component, as diffusers' `save_pretrained` writes
   it): the `_class_name` says SD (1.x / 2.x), SDXL or PixArt-alpha; each component is read by its own
@@ -16,8 +16,16 @@ flash.pipeline.Pipeline.
 - Pickles (.ckpt, .pt, .pth, .bin) are refused with the io module's message.
 
 Family: "sd15" | "sd2" | "sdxl" | "pixart". SD2 is told from SD1.x by its UNet (linear projections or
-1024-wide cross-attention). Inpainting UNets (in_channels 9) keep their base family (as flash.pipeline says)
-and are marked by `pipe.inpainting = True` (False otherwise; also `pipe.unet.config.in_channels == 9`).
+1024-wide cross-attention). Task pipelines (flash/tasks.py) keep their base family and set `pipe.task`:
+- "inpaint": a StableDiffusion[XL]InpaintPipeline folder, or any UNet with in_channels 9 (single files);
+- "adapter": a StableDiffusion[XL]AdapterPipeline folder, whose `adapter/` T2IAdapter goes to `pipe.adapter`;
+- "upscale": a "FlashUpscalePipeline" folder. This is flash's own `_class_name`, not a diffusers class (the
+  latent super-resolution model of flash/tasks.py: the SD components, a UNet taking 2 x latent channels);
+  diffusers cannot load such a folder.
+`"flash_base": "<path relative to this folder>"` in model_index.json (flash's own key, written by
+weights.save.save_pipeline(..., base=)): every component folder missing here is read from that pipeline
+folder instead, so a task model ships only its UNet or adapter and shares the base's VAE, text encoders,
+tokenizers and scheduler. The base's model_index.json supplies the keys this one lacks.
 Every model is built on the meta device and its tensors assigned from the file (one copy of the weights).
 """
 from pathlib import Path
@@ -30,19 +38,25 @@ from flash.tokenizer import CLIP_EOS, clip_tokenizer, load_tokenizer, read_clip_
 from weights import single_file
 from weights.io import CheckpointError, load_into, read_config, read_safetensors, refuse_pickle
 from weights.pixart import is_original_layout, load_transformer
-from weights.sd import build_unet, build_vae, load_state, load_unet, load_vae
+from weights.sd import build_unet, build_vae, load_adapter, load_state, load_unet, load_vae
 from weights.text import load_text_encoder
 
 FAMILIES = ("sd15", "sd2", "sdxl", "pixart")
 CLIP_VOCAB = Path(__file__).parent / "clip_vocab"
 
-# model_index.json `_class_name` -> which kind of pipeline. The img2img / inpaint pipelines share the
-# components of their text-to-image sibling (an inpainting UNet is recognised by its in_channels).
+# model_index.json `_class_name` -> which kind of pipeline. The img2img / inpaint / adapter pipelines share the
+# components of their text-to-image sibling; FlashUpscalePipeline is flash's own name (module docstring).
 PIPELINE_CLASSES = {
     "StableDiffusionPipeline": "sd", "StableDiffusionImg2ImgPipeline": "sd", "StableDiffusionInpaintPipeline": "sd",
+    "StableDiffusionAdapterPipeline": "sd", "FlashUpscalePipeline": "sd",
     "StableDiffusionXLPipeline": "sdxl", "StableDiffusionXLImg2ImgPipeline": "sdxl",
-    "StableDiffusionXLInpaintPipeline": "sdxl", "PixArtAlphaPipeline": "pixart",
+    "StableDiffusionXLInpaintPipeline": "sdxl", "StableDiffusionXLAdapterPipeline": "sdxl",
+    "PixArtAlphaPipeline": "pixart",
 }
+# `_class_name` -> flash.tasks task (any other class: text-to-image).
+TASK_CLASSES = {"StableDiffusionInpaintPipeline": "inpaint", "StableDiffusionXLInpaintPipeline": "inpaint",
+                "StableDiffusionAdapterPipeline": "adapter", "StableDiffusionXLAdapterPipeline": "adapter",
+                "FlashUpscalePipeline": "upscale"}
 
 # The schedulers released with the models (their scheduler_config.json), for single files and for folders
 # that lack a scheduler/ folder. SD1.x/2.x/XL share the "scaled_linear" betas (linear in sqrt(beta) from
@@ -100,7 +114,8 @@ def load_pipeline(path, dtype=torch.float32, variant=None, family=None, predicti
         pipe = load_single_file(path, dtype, family, prediction_type, overrides)
     if prediction_type is not None:
         pipe.scheduler_config = {**pipe.scheduler_config, "prediction_type": prediction_type}
-    pipe.inpainting = pipe.unet is not None and pipe.unet.config.in_channels == 9
+    if pipe.task == "text-to-image" and pipe.unet is not None and pipe.unet.config.in_channels == 9:
+        pipe.task = "inpaint"     # a single file, or a text-to-image folder holding an inpainting UNet
     return pipe
 
 
@@ -121,7 +136,8 @@ def _has_vocabulary(folder):
         (folder / name).is_file() for name in ("spiece.model", "tokenizer.json"))
 
 
-def load_folder(root, dtype=torch.float32, variant=None, family=None):
+def read_index(root):
+    """model_index.json of a pipeline folder, its `_class_name` and kind ("sd" | "sdxl" | "pixart")."""
     if not (root / "model_index.json").is_file() and (root / "config.json").is_file():
         raise CheckpointError(f"{root}: a component folder (config.json, no model_index.json); load it with "
                               f"weights.load_unet / load_vae / load_transformer / load_text_encoder")
@@ -131,38 +147,75 @@ def load_folder(root, dtype=torch.float32, variant=None, family=None):
     if kind is None:
         raise CheckpointError(f"{root / 'model_index.json'}: _class_name {name!r} is not supported "
                               f"(supported: {', '.join(PIPELINE_CLASSES)})")
+    return index, name, kind
+
+
+def read_base(root, index, kind):
+    """The folder named by `flash_base` (relative to root) and its model_index.json, or (None, {})."""
+    rel = index.get("flash_base")
+    if rel is None:
+        return None, {}
+    where = f"{root / 'model_index.json'}: flash_base {rel!r}"
+    base = (root / str(rel)).resolve()
+    if not isinstance(rel, str) or not (base / "model_index.json").is_file():
+        raise CheckpointError(f"{where} is not a pipeline folder (no {base / 'model_index.json'})")
+    try:
+        base_index, _, base_kind = read_index(base)
+    except CheckpointError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+    if "flash_base" in base_index:
+        raise CheckpointError(f"{where}: the base has a flash_base of its own (chains are not supported)")
+    if (base_kind == "pixart") != (kind == "pixart"):
+        raise CheckpointError(f"{where}: a {base_index['_class_name']} cannot supply components to a "
+                              f"{index['_class_name']}")
+    return base, base_index
+
+
+def load_folder(root, dtype=torch.float32, variant=None, family=None):
+    index, name, kind = read_index(root)
     if family is not None and (family == "pixart") != (kind == "pixart"):
         raise ValueError(f"family={family!r} does not fit {root}, a {name}")
+    base, base_index = read_base(root, index, kind)
 
-    def present(component):  # listed with a class (not [null, null]) and its folder is there
-        entry = index.get(component)
-        return isinstance(entry, list) and entry[-1] is not None and (root / component).is_dir()
+    def find(component):
+        """The component's folder: here, else the base's; listed with a class (not [null, null])."""
+        for folder, listing in ((root, index), (base, base_index)):
+            entry = listing.get(component)
+            if folder is not None and isinstance(entry, list) and entry[-1] is not None \
+                    and (folder / component).is_dir():
+                return folder / component
+        return None
 
+    task = TASK_CLASSES.get(name, "text-to-image")
     denoiser = "transformer" if kind == "pixart" else "unet"
-    for component in (denoiser, "vae"):
-        if not present(component):
-            raise CheckpointError(f"{root}: a {name} needs a {component}/ folder listed in model_index.json")
+    for component in (denoiser, "vae") + (("adapter",) if task == "adapter" else ()):
+        if find(component) is None:
+            source = root if base is None else f"{root} (or its flash_base {base})"
+            raise CheckpointError(f"{source}: a {name} needs a {component}/ folder listed in model_index.json")
 
     text_encoders, tokenizers = [], []
     for encoder, tokenizer in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
-        if present(encoder):
-            text_encoders.append(load_text_encoder(root / encoder, dtype=dtype, variant=variant))
-        if present(tokenizer) and _has_vocabulary(root / tokenizer):
+        if find(encoder):
+            text_encoders.append(load_text_encoder(find(encoder), dtype=dtype, variant=variant))
+        if find(tokenizer) and _has_vocabulary(find(tokenizer)):
             max_length = PIXART_MAX_LENGTH if kind == "pixart" else None
-            tokenizers.append(load_tokenizer(root / tokenizer, max_length=max_length))
+            tokenizers.append(load_tokenizer(find(tokenizer), max_length=max_length))
 
-    vae = load_vae(root / "vae", dtype=dtype, variant=variant)
+    vae = load_vae(find("vae"), dtype=dtype, variant=variant)
     if kind == "pixart":
-        family, unet, transformer = "pixart", None, load_transformer(root / "transformer", dtype, variant)
+        family, unet, transformer = "pixart", None, load_transformer(find("transformer"), dtype, variant)
     else:
-        unet, transformer = load_unet(root / "unet", dtype=dtype, variant=variant), None
+        unet, transformer = load_unet(find("unet"), dtype=dtype, variant=variant), None
         family = family or sd_family(unet.config)
-    if (root / "scheduler" / "scheduler_config.json").is_file():
-        scheduler = read_config(root / "scheduler", "scheduler_config.json")
+    adapter = load_adapter(find("adapter"), dtype=dtype, variant=variant) if task == "adapter" else None
+    schedulers = [d / "scheduler" for d in (root, base) if d and (d / "scheduler" / "scheduler_config.json").is_file()]
+    if schedulers:
+        scheduler = read_config(schedulers[0], "scheduler_config.json")
     else:
         scheduler = dict(SCHEDULER_CONFIGS[family])
     return Pipeline(family=family, vae=vae, text_encoders=text_encoders, tokenizers=tokenizers,
-                    scheduler_config=scheduler, unet=unet, transformer=transformer, config=index)
+                    scheduler_config=scheduler, unet=unet, transformer=transformer,
+                    config={**base_index, **index}, task=task, adapter=adapter)
 
 
 # ------------------------------------------------------------------------------------------ single file

@@ -17,8 +17,16 @@ check. Every file is written atomically (temp file + rename): a crash leaves the
 Choices: the safety checker and feature extractor are [null, null] and requires_safety_checker false, so
 diffusers loads the folder offline with nothing to fetch. CLIP weights keep the `text_model.` prefix of
 transformers 4 saves (the released SD checkpoints; transformers 5 reads it too, see weights/text.py); T5
-keeps only `shared.weight` of its tied embedding pair, as transformers 5 saves it. An inpainting UNet
-(9 input channels) is saved as a StableDiffusion[XL]InpaintPipeline.
+keeps only `shared.weight` of its tied embedding pair, as transformers 5 saves it.
+
+Task pipelines (`pipe.task`, flash/tasks.py) are saved under the class that runs them: inpaint as a
+StableDiffusion[XL]InpaintPipeline, adapter as a StableDiffusion[XL]AdapterPipeline with its T2IAdapter in
+`adapter/` (both load in diffusers), upscale as "FlashUpscalePipeline", flash's own name (no diffusers
+class runs flash's latent super-resolution). With `base=` only the task's own component is written (unet/
+for inpaint and upscale, adapter/ for adapter) and model_index.json says `"flash_base": <base relative to
+the folder>`: weights.load_pipeline reads every other component from that folder. Such a folder is flash's
+own (diffusers cannot load it) and is only as right as its base: the base must hold the VAE, text encoders
+and (for an adapter) the UNet the task model was trained with.
 """
 import dataclasses
 import json
@@ -27,6 +35,7 @@ import tempfile
 from pathlib import Path
 
 from flash import clip, t5
+from flash.adapter import AdapterConfig
 from flash.dit import PixArtConfig
 from flash.unet import UNetConfig
 from flash.vae import VAEConfig
@@ -47,12 +56,18 @@ PIXART_FIXED = {"norm_type": "ada_norm_single", "activation_fn": "gelu-approxima
                 "norm_elementwise_affine": False, "num_embeds_ada_norm": 1000, "upcast_attention": False,
                 "dropout": 0.0, "norm_num_groups": 32}
 
-PIPELINE_CLASSES = {  # (family, inpainting) -> diffusers pipeline class
-    ("sd15", False): "StableDiffusionPipeline", ("sd2", False): "StableDiffusionPipeline",
-    ("sd15", True): "StableDiffusionInpaintPipeline", ("sd2", True): "StableDiffusionInpaintPipeline",
-    ("sdxl", False): "StableDiffusionXLPipeline", ("sdxl", True): "StableDiffusionXLInpaintPipeline",
-    ("pixart", False): "PixArtAlphaPipeline",
+PIPELINE_CLASSES = {  # (family, task) -> model_index.json _class_name (a diffusers pipeline, but the upscaler)
+    **{(f, "text-to-image"): "StableDiffusionPipeline" for f in ("sd15", "sd2")},
+    **{(f, "inpaint"): "StableDiffusionInpaintPipeline" for f in ("sd15", "sd2")},
+    **{(f, "adapter"): "StableDiffusionAdapterPipeline" for f in ("sd15", "sd2")},
+    ("sdxl", "text-to-image"): "StableDiffusionXLPipeline", ("sdxl", "inpaint"): "StableDiffusionXLInpaintPipeline",
+    ("sdxl", "adapter"): "StableDiffusionXLAdapterPipeline",
+    **{(f, "upscale"): "FlashUpscalePipeline" for f in ("sd15", "sd2", "sdxl")},
+    ("pixart", "text-to-image"): "PixArtAlphaPipeline",
 }
+TASK_NAMES = {"text-to-image": "text-to-image", "inpaint": "inpainting", "upscale": "super-resolution",
+              "adapter": "T2I-Adapter"}
+OWN_COMPONENT = {"inpaint": "unet", "upscale": "unet", "adapter": "adapter"}   # what a base-relative folder holds
 
 
 # ------------------------------------------------------------------------------------------ file writing
@@ -130,6 +145,10 @@ def vae_config(cfg: VAEConfig):
     return {"_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION, **VAE_FIXED, **_plain(cfg)}
 
 
+def adapter_config(cfg: AdapterConfig):
+    return {"_class_name": "T2IAdapter", "_diffusers_version": DIFFUSERS_VERSION, **_plain(cfg)}
+
+
 def pixart_config(cfg: PixArtConfig):
     return {"_class_name": "PixArtTransformer2DModel", "_diffusers_version": DIFFUSERS_VERSION,
             **PIXART_FIXED, **_plain(cfg)}
@@ -165,6 +184,11 @@ def save_unet(model, folder, dtype=None):
 def save_vae(model, folder, dtype=None):
     """A flash AutoencoderKL -> a diffusers `vae/` folder."""
     return _save_diffusers(model, folder, dtype, vae_config)
+
+
+def save_adapter(model, folder, dtype=None):
+    """A flash T2IAdapter -> a diffusers T2IAdapter folder (`adapter/`)."""
+    return _save_diffusers(model, folder, dtype, adapter_config)
 
 
 def save_transformer(model, folder, dtype=None):
@@ -223,23 +247,36 @@ def scheduler_config(pipe):
     return config
 
 
-def save_pipeline(pipe, folder, dtype=None):
+def save_pipeline(pipe, folder, dtype=None, base=None):
     """A flash.pipeline.Pipeline -> a diffusers pipeline folder (see the module docstring).
 
     dtype: floating weights are stored in it (e.g. torch.float16 halves the folder); None keeps each
-    model's own. The models are not changed (tensors are copied to the CPU for writing).
+    model's own. base: a pipeline folder (path) that supplies every component but the task's own, which
+    alone is written here (task pipelines only). The models are not changed (tensors are copied to the
+    CPU for writing).
     """
-    key = (pipe.family, bool(pipe.inpainting))
+    key = (pipe.family, pipe.task)
     if key not in PIPELINE_CLASSES:
         raise ValueError(f"save_pipeline: no diffusers pipeline class for family {pipe.family!r}"
-                         f"{' (inpainting)' if pipe.inpainting else ''}")
+                         f" ({TASK_NAMES.get(pipe.task, pipe.task)})")
+    if pipe.task == "adapter" and pipe.adapter is None:
+        raise ValueError("save_pipeline: an adapter pipeline without an adapter (pipe.adapter is None)")
     if len(pipe.text_encoders) > 2 or len(pipe.tokenizers) > 2:
         raise ValueError(f"save_pipeline: {len(pipe.text_encoders)} text encoders / {len(pipe.tokenizers)} "
                          "tokenizers, at most 2 of each")
+    if base is not None:
+        if pipe.task not in OWN_COMPONENT:
+            raise ValueError(f"save_pipeline: base= is for task pipelines ({', '.join(OWN_COMPONENT)}), "
+                             f"this one is {pipe.task}")
+        if not (Path(base) / "model_index.json").is_file():
+            raise ValueError(f"save_pipeline: base {str(base)!r} is not a pipeline folder (no model_index.json)")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    index = {"_class_name": PIPELINE_CLASSES[key], "_diffusers_version": DIFFUSERS_VERSION,
-             "vae": ["diffusers", "AutoencoderKL"]}
+    index = {"_class_name": PIPELINE_CLASSES[key], "_diffusers_version": DIFFUSERS_VERSION}
+    if base is not None:
+        return _save_task_only(pipe, folder, dtype, base, index)
+
+    index["vae"] = ["diffusers", "AutoencoderKL"]
     save_vae(pipe.vae, folder / "vae", dtype)
     if pipe.family == "pixart":
         save_transformer(pipe.transformer, folder / "transformer", dtype)
@@ -247,6 +284,9 @@ def save_pipeline(pipe, folder, dtype=None):
     else:
         save_unet(pipe.unet, folder / "unet", dtype)
         index["unet"] = ["diffusers", "UNet2DConditionModel"]
+    if pipe.task == "adapter":
+        save_adapter(pipe.adapter, folder / "adapter", dtype)
+        index["adapter"] = ["diffusers", "T2IAdapter"]
 
     names = ["", "_2"] if pipe.family == "sdxl" else [""]
     for i, suffix in enumerate(names):
@@ -268,12 +308,28 @@ def save_pipeline(pipe, folder, dtype=None):
     scheduler = scheduler_config(pipe)
     write_json(scheduler, folder / "scheduler" / "scheduler_config.json")
     index["scheduler"] = ["diffusers", scheduler["_class_name"]]
+    # The optional components each diffusers class takes (its __init__ refuses others), left empty so
+    # that diffusers loads the folder offline with nothing to fetch.
     if pipe.family == "sdxl":
         index["force_zeros_for_empty_prompt"] = bool(pipe.config.get("force_zeros_for_empty_prompt", True))
         index["feature_extractor"] = index["image_encoder"] = [None, None]
     elif pipe.family != "pixart":
-        index.update(safety_checker=[None, None], feature_extractor=[None, None], image_encoder=[None, None],
-                     requires_safety_checker=False)
+        index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
+        if pipe.task != "adapter":       # StableDiffusionAdapterPipeline has no IP-adapter image encoder
+            index["image_encoder"] = [None, None]
+    write_json(index, folder / "model_index.json")
+    return folder
+
+
+def _save_task_only(pipe, folder, dtype, base, index):
+    """The task's own component and a model_index.json pointing at `base` for the rest."""
+    if pipe.task == "adapter":
+        save_adapter(pipe.adapter, folder / "adapter", dtype)
+        index["adapter"] = ["diffusers", "T2IAdapter"]
+    else:
+        save_unet(pipe.unet, folder / "unet", dtype)
+        index["unet"] = ["diffusers", "UNet2DConditionModel"]
+    index["flash_base"] = Path(os.path.relpath(Path(base).resolve(), folder.resolve())).as_posix()
     write_json(index, folder / "model_index.json")
     return folder
 

@@ -1,4 +1,4 @@
-"""Load Stable Diffusion components (UNet, VAE) from diffusers component folders.
+"""Load Stable Diffusion components (UNet, VAE, T2I-Adapter) from diffusers component folders.
 
 A component folder is `config.json` + `diffusion_pytorch_model.safetensors` (or a sharded
 `*.safetensors.index.json`, or the `.fp16` variants). The model is built on the meta device from the config
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from flash.adapter import AdapterConfig, T2IAdapter
 from flash.unet import UNet2DConditionModel, UNetConfig
 from flash.vae import AutoencoderKL, VAEConfig
 from weights.io import CheckpointError, find_weights, load_into, read_config, read_weights
@@ -41,6 +42,11 @@ def build_unet(config, source="unet config"):
 def build_vae(config, source="vae config"):
     """A VAEConfig or a diffusers config dict -> AutoencoderKL on the meta device."""
     return _build(VAEConfig, AutoencoderKL, config, source)
+
+
+def build_adapter(config, source="adapter config"):
+    """An AdapterConfig or a diffusers T2IAdapter config dict -> T2IAdapter on the meta device."""
+    return _build(AdapterConfig, T2IAdapter, config, source)
 
 
 def _config_error(e, source):
@@ -99,3 +105,8 @@ def load_unet(folder, dtype=torch.float32, variant=None):
 def load_vae(folder, dtype=torch.float32, variant=None):
     """A diffusers `vae/` folder -> flash.vae.AutoencoderKL in eval mode (fp32 if its config says force_upcast)."""
     return _load_component(folder, build_vae, dtype, variant)
+
+
+def load_adapter(folder, dtype=torch.float32, variant=None):
+    """A diffusers T2IAdapter folder (`adapter/` of a StableDiffusionAdapterPipeline) -> flash.adapter.T2IAdapter."""
+    return _load_component(folder, build_adapter, dtype, variant)

@@ -1,0 +1,98 @@
+"""The README pictures of the task demos: for 10 held-out digits (one per class), the rows
+
+    input (the hole in grey / the low-res image / the edge map), teacher 25 steps (DPM-Solver++ 2M, CFG 3),
+    Flash student 4 steps (no CFG), the original digit
+
+each column from the same initial noise. Super-resolution gets a block per factor (2x, 4x).
+
+    python recipes/digits_tasks_picture.py --model weights/digits-inpaint --out runs/digits-tasks/inpaint/picture.png
+    python recipes/digits_tasks_picture.py --stack docs/digits_tasks.png runs/digits-tasks/inpaint runs/digits-tasks/upscale
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import weights  # noqa: E402
+from flash.data import Digits, caption_for  # noqa: E402
+from flash.lora import load_lora, lora_disabled  # noqa: E402
+from flash.pipeline import generate  # noqa: E402
+from flash.tasks import task_inputs  # noqa: E402
+
+SCALE = 2          # nearest-neighbour zoom of the 32 px digits
+
+
+def held_out_examples():
+    """The first held-out digit of each class, 0 to 9."""
+    data = Digits("test")
+    idx = [int((data.labels == d).nonzero()[0]) for d in range(10)]
+    return data.images[idx], [caption_for(d) for d in range(10)]
+
+
+def rows_for(pipe, images, prompts, factor):
+    kw, shown = task_inputs(pipe.task, images, torch.Generator().manual_seed(0), factor=factor)
+
+    def run(sampler, steps, guidance):
+        gens = [torch.Generator().manual_seed(1000 + d) for d in range(len(prompts))]
+        return generate(pipe, prompts, steps=steps, sampler=sampler, guidance=guidance, generator=gens,
+                        progress=False, **kw)
+    with lora_disabled(pipe.denoiser):          # the teacher: the LoRA attached but switched off
+        teacher = run("dpm++2m", 25, 3.0)
+    return [shown, teacher, run("flash", 4, 0.0)]
+
+
+def picture(model):
+    pipe = weights.load_pipeline(model)
+    load_lora(pipe.denoiser, Path(model) / "flash_lora.safetensors")
+    images, prompts = held_out_examples()
+    rows = []
+    for factor in ((2, 4) if pipe.task == "upscale" else (2,)):
+        rows += rows_for(pipe, images, prompts, factor)
+    rows.append((images + 1) / 2)
+    grid = torch.cat([torch.cat(list(r.float().cpu()), dim=2) for r in rows], dim=1)
+    return to_image(grid)
+
+
+def to_image(grid):
+    img = Image.fromarray((grid.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    return img.resize((img.width * SCALE, img.height * SCALE), Image.NEAREST)
+
+
+def stack(out, runs):
+    """The tasks' pictures one under the other, separated by a white band."""
+    parts = [Image.open(Path(r) / "picture.png").convert("RGB") for r in runs]
+    band = 8
+    canvas = Image.new("RGB", (max(p.width for p in parts), sum(p.height for p in parts) + band * (len(parts) - 1)),
+                       "white")
+    y = 0
+    for p in parts:
+        canvas.paste(p, (0, y))
+        y += p.height + band
+    canvas.save(out)
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="a shipped task folder (with flash_lora.safetensors)")
+    p.add_argument("--out", help="PNG to write")
+    p.add_argument("--stack", nargs="+", metavar=("OUT", "RUN"), help="stack RUN/picture.png files into OUT")
+    args = p.parse_args(argv)
+    if args.stack:
+        print(f"wrote {stack(args.stack[0], args.stack[1:])}")
+        return 0
+    if not (args.model and args.out):
+        p.error("--model and --out are needed (or --stack OUT RUN...)")
+    picture(args.model).save(args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
