@@ -1,9 +1,11 @@
 """Evaluate a text-to-image pipeline on the digits: FID against the held-out real digits, prompt accuracy,
-network evaluations and speed, printed as a markdown table.
+network evaluations and speed, printed as a markdown table; with --task, an inpainting, super-resolution
+or adapter model on the held-out digits (eval_tasks.py).
 
     python eval.py --model weights/digits --sampler dpm++2m --steps 25 --guidance 3 --n 1000
     python eval.py --model weights/digits --lora weights/digits/flash_lora.safetensors --sampler flash --steps 4
     python eval.py --rows [--model ...] [--lora ...] [--json results.json]     (the README table)
+    python eval.py --task inpaint --rows        (weights/digits-inpaint and its LoRA; also upscale, adapter)
 
 Protocol (fixed, so a rerun reproduces the numbers):
 - Image i (i = 0..n-1) is prompted with flash.data.caption_for(i % 10) ("a handwritten digit seven"), and
@@ -23,6 +25,8 @@ Protocol (fixed, so a rerun reproduces the numbers):
   after one warm-up image, excluding the metric networks.
 --rows evaluates the README's rows: the teacher with DPM-Solver++ 2M at 25 and 4 steps with CFG
 (--guidance, default 3), and the Flash student (the teacher + --lora) at 1, 2 and 4 steps without CFG.
+--task evaluates a task model (default weights/digits-<task>, LoRA flash_lora.safetensors in it) on the
+first n (<= 500, default 500) held-out digits, whose protocol and metrics eval_tasks.py describes.
 Errors the user can cause end in one line on stderr, exit status 2.
 """
 import hashlib
@@ -36,10 +40,12 @@ import torch
 from tqdm import tqdm
 
 from flash.schedule import SAMPLERS
+from flash.tasks import UPSCALE_FACTORS
 from sample import DEFAULT_MODEL, DTYPES, Parser  # the same default model and one-line argparse errors
 
 ROOT = Path(__file__).resolve().parent
-DEFAULT_LORA = DEFAULT_MODEL / "flash_lora.safetensors"
+LORA_NAME = "flash_lora.safetensors"      # the Flash student inside a shipped model folder
+EVAL_TASKS = ("inpaint", "upscale", "adapter")
 CACHE_DIR = ROOT / "data"
 REAL_TOTAL = 500                 # held-out digits: the last 50 of each class
 TEACHER_GUIDANCE = 3.0
@@ -67,15 +73,20 @@ def parse_args(argv=None):
     p = Parser(description=__doc__.split("\n\n")[0])
     a = p.add_argument
     a("--model", help="a diffusers pipeline folder or single-file checkpoint "
-                      f"(default: {DEFAULT_MODEL.relative_to(ROOT)})")
+                      f"(default: {DEFAULT_MODEL.relative_to(ROOT)}, with --task weights/digits-TASK)")
     a("--lora", help="a Flash LoRA fused into the denoiser (the student); with --rows, the student rows' "
-                     f"(default there: {DEFAULT_LORA.relative_to(ROOT)})")
+                     f"(default there: {LORA_NAME} in the default model folder)")
+    a("--task", choices=EVAL_TASKS, help="evaluate a task model on the held-out digits: inpaint (random box "
+                                         "masks), upscale (2x and 4x), adapter (edge maps); see eval_tasks.py")
+    a("--upscale", type=int, choices=UPSCALE_FACTORS, action="append",
+      help="with --task upscale: the factor evaluated; repeatable (default: 2 and 4)")
     a("--rows", action="store_true", help="evaluate the README table rows instead of one setting")
     a("--sampler", choices=SAMPLERS, help="sampler of the one evaluated setting (default: flash)")
     a("--steps", type=int, help="denoiser steps of the one evaluated setting (default: 4)")
     a("--guidance", type=float, help="CFG scale, <= 1 disables CFG (default: 0 for flash / lcm, 7.5 otherwise; "
                                      f"with --rows, the teacher rows' scale, default {TEACHER_GUIDANCE})")
-    a("--n", type=int, default=1000, help="images per row (default: %(default)s)")
+    a("--n", type=int, help="images per row (default: 1000; with --task the first n held-out digits, "
+                            f"at most {REAL_TOTAL}, default {REAL_TOTAL})")
     a("--seed", type=int, default=0, help="base seed of the per-image generators (default: %(default)s)")
     a("--batch", type=int, default=50, help="images per generate call (default: %(default)s)")
     a("--real", type=int, default=REAL_TOTAL, help="held-out real digits used for FID, evenly spaced "
@@ -89,22 +100,29 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Fail before the (slow) model load on arguments that are wrong whatever the model."""
+    if args.n is None:
+        args.n = REAL_TOTAL if args.task else 1000
     for name, low in (("n", 2), ("batch", 1), ("steps", 1)):
         v = getattr(args, name)
         if v is not None and v < low:
             raise ValueError(f"--{name} must be >= {low}, got {v}")
-    if args.n > IMAGES_MAX:
-        raise ValueError(f"--n must be <= {IMAGES_MAX}, got {args.n}")
+    top = REAL_TOTAL if args.task else IMAGES_MAX
+    if args.n > top:
+        what = " (the held-out digits are the task inputs)" if args.task else ""
+        raise ValueError(f"--n must be <= {top}{what}, got {args.n}")
+    if args.upscale and args.task != "upscale":
+        raise ValueError("--upscale sets the factor of --task upscale; drop it or pass --task upscale")
     if not 2 <= args.real <= REAL_TOTAL:
         raise ValueError(f"--real must be in [2, {REAL_TOTAL}], got {args.real}")
     if not 0 <= args.seed < SEEDS_MAX:
         raise ValueError(f"--seed must be in [0, {SEEDS_MAX}), got {args.seed}")
     if args.rows and (args.sampler or args.steps):
         raise ValueError("--rows evaluates fixed samplers and steps; drop --sampler / --steps")
-    model = Path(args.model) if args.model else DEFAULT_MODEL
+    default = DEFAULT_MODEL.parent / f"digits-{args.task}" if args.task else DEFAULT_MODEL
+    model = Path(args.model) if args.model else default
     if not model.exists():
         raise ValueError(f"--model {model}: no such folder or file")
-    lora = Path(args.lora) if args.lora else (DEFAULT_LORA if args.rows else None)
+    lora = Path(args.lora) if args.lora else (default / LORA_NAME if args.rows else None)
     if lora is not None and not lora.exists():
         hint = " (--rows needs the student's LoRA)" if args.rows else ""
         raise ValueError(f"--lora {lora}: no such file or folder{hint}")
@@ -152,21 +170,13 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def generate_row(pipe, row, n, seed=0, batch=50, progress=True):
-    """n images for `row` -> (images (n, 3, H, W) in [0, 1] on the CPU, NFE per image, seconds of generation)."""
-    from flash.pipeline import generate
-    _, prompts = prompts_for(n)
-
-    def run(first, count):
-        gens = [torch.Generator("cpu").manual_seed(image_seed(seed, i)) for i in range(first, first + count)]
-        return generate(pipe, prompts[first:first + count], steps=row.steps, sampler=row.sampler,
-                        guidance=row.guidance, generator=gens, progress=False)
-
+def timed_batches(pipe, run, n, batch=50, desc="", progress=True):
+    """run(first, count) -> images for inputs first..first+count-1, called in batches after a one-image
+    warm-up -> (images (n, 3, H, W) float on the CPU, NFE per image, seconds of generation)."""
     run(0, 1)                                   # warm-up: first-call costs (allocations, kernel selection)
     counter, images, seconds = NFECounter(pipe.denoiser), [], 0.0
     try:
-        with tqdm(total=n, desc=f"{row.name} {row.sampler} {row.steps}", unit="img", disable=not progress,
-                  leave=False) as bar:
+        with tqdm(total=n, desc=desc, unit="img", disable=not progress, leave=False) as bar:
             for first in range(0, n, batch):
                 count = min(batch, n - first)
                 _sync(pipe.device)
@@ -179,6 +189,19 @@ def generate_row(pipe, row, n, seed=0, batch=50, progress=True):
     finally:
         counter.close()
     return torch.cat(images), counter.rows / n, seconds
+
+
+def generate_row(pipe, row, n, seed=0, batch=50, progress=True):
+    """n images for `row` -> (images (n, 3, H, W) in [0, 1] on the CPU, NFE per image, seconds of generation)."""
+    from flash.pipeline import generate
+    _, prompts = prompts_for(n)
+
+    def run(first, count):
+        gens = [torch.Generator("cpu").manual_seed(image_seed(seed, i)) for i in range(first, first + count)]
+        return generate(pipe, prompts[first:first + count], steps=row.steps, sampler=row.sampler,
+                        guidance=row.guidance, generator=gens, progress=False)
+
+    return timed_batches(pipe, run, n, batch, f"{row.name} {row.sampler} {row.steps}", progress)
 
 
 # -- metrics -----------------------------------------------------------------------------------------
@@ -268,6 +291,8 @@ def evaluate(args, model, lora):
     classifier = load_digit_classifier().to(device)
     classifier_accuracy = prompt_accuracy(real.to(device), real_labels, classifier)
     pipe = weights.load_pipeline(model, dtype=dtype).to(device=device)
+    if pipe.task != "text-to-image":
+        raise ValueError(f"--model {model}: a pipeline for {pipe.task}; evaluate it with --task {pipe.task}")
     if pipe.default_size != real.shape[-1]:
         raise ValueError(f"--model {model}: draws {pipe.default_size}x{pipe.default_size} images; the digit "
                          f"metrics compare {real.shape[-1]}x{real.shape[-1]} ones")
@@ -300,13 +325,21 @@ def main(argv=None):
     from weights import CheckpointError
     try:
         model, lora = check_args(args)
-        results, classifier_accuracy = evaluate(args, model, lora)
+        if args.task:
+            import eval_tasks
+            results, classifier_accuracy = eval_tasks.evaluate(args, model, lora)
+        else:
+            results, classifier_accuracy = evaluate(args, model, lora)
     except (CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    print(table(results, classifier_accuracy, args.real))
+    if args.task:
+        print(eval_tasks.table(args.task, results, classifier_accuracy, args.real))
+    else:
+        print(table(results, classifier_accuracy, args.real))
     if args.json:
-        report = {"model": str(model), "lora": str(lora) if lora else None, "n": args.n, "seed": args.seed,
+        report = {"model": str(model), "lora": str(lora) if lora else None, "task": args.task or "text-to-image",
+                  "n": args.n, "seed": args.seed,
                   "real": args.real, "device": args.device, "dtype": dtype_name(args),
                   "classifier_heldout_accuracy": classifier_accuracy, "rows": [asdict(r) for r in results]}
         text = json.dumps(report, indent=2)

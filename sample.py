@@ -1,15 +1,30 @@
-"""Text-to-image from the command line: a few-step Flash sample (or any other sampler) written as a PNG.
+"""Text-to-image (and inpainting, super-resolution, adapter) from the command line: a few-step Flash sample
+(or any other sampler) written as a PNG.
 
     python sample.py --steps 4                # the shipped digits student: a grid of the ten digits
     python sample.py --prompt "a handwritten digit 7" --steps 4 --out seven.png
     python sample.py --model path/to/sdxl --lora flash-sdxl.safetensors --prompt "a cat" --prompt "a dog"
+    python sample.py --task inpaint --image digit.png --mask hole.png --prompt "a handwritten digit seven"
+    python sample.py --task upscale --image small.png --upscale 4     # 8x8 -> 32x32
+    python sample.py --task adapter --image edges.png --prompt "a handwritten digit three"
 
 Reads top to bottom: parse, build (load the pipeline and any LoRAs), sample (flash.pipeline.generate), save
 (one image, or a grid: a row per prompt when --batch > 1), with the prompts, seed, steps, sampler, guidance
-and model in the PNG's text metadata. With no --model, the shipped default weights/digits/ is used (recipes/digits.sh
-trains it) and, for the flash / lcm samplers, its Flash LoRA (flash_lora.safetensors) is fused in; with no
-prompt it draws the ten digits (flash.data.caption_for(0..9)). The same seed gives the same image as diffusers' pipeline for that
-model and scheduler (see flash/pipeline.py). Errors the user can cause end in one line on stderr, exit 2.
+and model in the PNG's text metadata. With no --model, the shipped default weights/digits/ is used
+(recipes/digits.sh trains it) and, for the flash / lcm samplers, its Flash LoRA (flash_lora.safetensors) is
+fused in; with no prompt it draws the ten digits (flash.data.caption_for(0..9)). The same seed gives the
+same image as diffusers' pipeline for that model and scheduler (see flash/pipeline.py). Errors the user can
+cause end in one line on stderr, exit 2.
+
+Tasks (flash/tasks.py): the model's own `task` decides (a 9-channel UNet inpaints, ...); --task picks the
+shipped digits demo weights/digits-TASK when there is no --model (its Flash LoRA fused for flash / lcm, as
+above) and is checked against the model otherwise. --image is read at its own size, as RGB (the image to
+inpaint, the low-res image to upscale) or, for an adapter taking 1 channel, as grayscale (e.g. a white-on-
+black edge map); --mask is read as grayscale, white (>= 50%) = repaint, and must have the image's size. An
+upscale model draws --image's size x --upscale (default 4). With no prompt, a shipped task demo gets the empty
+prompt (the digits models were trained with 10% empty captions, so the image alone decides); other models
+need one. The PNG shows, per prompt, the input (the mask overlaid in red, the low-res image enlarged, the
+condition image) then the outputs.
 """
 import argparse
 import math
@@ -25,6 +40,7 @@ from flash.schedule import SAMPLERS
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "digits"
 DEFAULT_LORA = "flash_lora.safetensors"     # inside DEFAULT_MODEL: the Flash student of the shipped teacher
+TASKS = ("inpaint", "upscale", "adapter")   # beyond text-to-image: shipped as weights/digits-TASK
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -38,8 +54,11 @@ def parse_args(argv=None):
     a = p.add_argument
     a("--model", help="a diffusers pipeline folder or a single-file .safetensors checkpoint "
                       f"(default: the shipped {DEFAULT_MODEL.parent.name}/{DEFAULT_MODEL.name})")
+    a("--task", choices=TASKS, help="with no --model, the shipped digits demo of the task (weights/digits-TASK); "
+                                    "with --model, it must be the model's task")
     a("--prompt", action="append", default=[],
-      help="a prompt; repeat the flag for several (default with the shipped model: the ten digit captions)")
+      help="a prompt; repeat the flag for several (default with the shipped model: the ten digit captions; "
+           "with a shipped task demo: the empty prompt)")
     a("--prompts-file", help="a text file with one prompt per line (blank lines skipped), added to --prompt")
     a("--negative-prompt", help="what to steer away from (only used with CFG, i.e. --guidance > 1)")
     a("--steps", type=int, default=4, help="number of denoiser evaluations (default: %(default)s)")
@@ -49,9 +68,15 @@ def parse_args(argv=None):
     a("--guidance", type=float, help="classifier-free guidance scale, <= 1 disables CFG "
                                      "(default: 0 for flash / lcm, 7.5 otherwise)")
     a("--seed", type=int, default=0, help="seed of torch.Generator('cpu'), as diffusers uses it (default: %(default)s)")
-    a("--height", type=int, help="image height in pixels (default: the model's trained size)")
-    a("--width", type=int, help="image width in pixels (default: the model's trained size)")
+    a("--height", type=int, help="image height in pixels (default: the model's trained size; a task model's "
+                                 "comes from --image)")
+    a("--width", type=int, help="image width in pixels (default: as --height)")
     a("--batch", type=int, default=1, help="images per prompt (default: %(default)s)")
+    a("--image", help="inpaint: the image; upscale: the low-res image; adapter: the condition image (e.g. an edge "
+                      "map, read as grayscale for a 1-channel adapter); used at its own size")
+    a("--mask", help="inpaint: the mask, the image's size, white = repaint")
+    a("--upscale", type=int, choices=(2, 4), help="upscale: output = --image's size x this (default: 4)")
+    a("--adapter-scale", type=float, default=1.0, help="adapter: weight of its features (default: %(default)s)")
     a("--lora", action="append", default=[], metavar="PATH[:SCALE]",
       help="a LoRA (diffusers, PEFT or kohya format) fused into the denoiser at SCALE (default 1); repeatable")
     a("--out", default="sample.png", help="output PNG, a grid when there are several images (default: %(default)s)")
@@ -72,6 +97,11 @@ def check_args(args):
             raise ValueError(f"--{name} must be a positive multiple of 8, got {v}")
     if Path(args.out).suffix.lower() != ".png":
         raise ValueError(f"--out must name a .png file, got {args.out}")
+    for flag, path in (("--image", args.image), ("--mask", args.mask)):
+        if path is not None and not Path(path).is_file():
+            raise FileNotFoundError(f"{flag} {path}: no such file")
+    if args.task and args.model is None:        # a shipped demo: its task is known before the load
+        check_task_args(args, args.task, default_model(args.task))
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -91,6 +121,8 @@ def read_prompts(args):
         except (OSError, UnicodeDecodeError) as e:
             raise ValueError(f"--prompts-file {path}: not readable as UTF-8 text ({type(e).__name__})") from None
         prompts += [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts and args.model is None and args.task:     # a shipped task demo: the image alone decides
+        prompts = [""]
     if not prompts and args.model is None:      # the shipped digits model: one image per digit
         from flash.data import caption_for
         prompts = [caption_for(d) for d in range(10)]
@@ -108,11 +140,15 @@ def parse_lora(spec):
         return spec, 1.0
 
 
+def default_model(task=None):
+    return DEFAULT_MODEL.parent / f"digits-{task}" if task else DEFAULT_MODEL
+
+
 def build(args):
     """Load the pipeline, cast and move it, and fuse the LoRAs into the denoiser."""
     import weights
     from flash.lora import load_lora
-    model = Path(args.model) if args.model else DEFAULT_MODEL
+    model = Path(args.model) if args.model else default_model(args.task)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if args.device.startswith("cuda") else torch.float32)
     pipe = weights.load_pipeline(model, dtype=dtype)
     pipe.to(device=args.device)
@@ -129,6 +165,57 @@ def build(args):
     return pipe, model
 
 
+# -- tasks: the condition images ------------------------------------------------------------------
+
+def check_task_args(args, task, model):
+    """The task flags against the model's task (pipe.task)."""
+    if args.task and args.task != task:
+        raise ValueError(f"--task {args.task}: --model {model} is a model for {task}")
+    takes = {"text-to-image": (), "inpaint": ("--image", "--mask"), "upscale": ("--image", "--upscale"),
+             "adapter": ("--image",)}[task]
+    for flag, value in (("--image", args.image), ("--mask", args.mask), ("--upscale", args.upscale)):
+        if value and flag not in takes:
+            what = f"takes {' and '.join(takes)}" if takes else "takes no --image, --mask or --upscale"
+            raise ValueError(f"{flag}: {model} is a model for {task}, which {what}")
+        if not value and flag in takes and flag != "--upscale":
+            raise ValueError(f"{flag}: missing; {model} is a model for {task}, which needs it")
+
+
+def read_image(path, flag, mode):
+    """An image file -> (1, C, H, W) floats in [0, 1] (mode "RGB" or "L")."""
+    try:
+        with Image.open(path) as im:
+            x = np.asarray(im.convert(mode), dtype=np.float32) / 255
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{flag} {path}: no such file") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{flag} {path}: not a readable image ({type(e).__name__})") from None
+    x = torch.from_numpy(x)
+    return (x[None, None] if x.ndim == 2 else x.permute(2, 0, 1)[None]).contiguous()
+
+
+def read_condition(args, pipe, model):
+    """-> (generate's condition kwargs, a picture of the input (1, 3, H, W) or None) for pipe.task."""
+    task = pipe.task
+    check_task_args(args, task, model)
+    if task == "text-to-image":
+        return {}, None
+    gray = task == "adapter" and pipe.adapter is not None and pipe.adapter.config.in_channels == 1
+    image = read_image(args.image, "--image", "L" if gray else "RGB")
+    if task == "adapter":
+        return {"adapter_image": image, "adapter_scale": args.adapter_scale}, image.expand(-1, 3, -1, -1)
+    if task == "upscale":
+        factor = args.upscale or 4
+        return {"image": image, "upscale": factor}, image.repeat_interleave(factor, 2).repeat_interleave(factor, 3)
+    mask = read_image(args.mask, "--mask", "L")
+    if mask.shape[-2:] != image.shape[-2:]:
+        raise ValueError(f"--mask {args.mask}: {mask.shape[-1]}x{mask.shape[-2]} pixels, the --image "
+                         f"{args.image} has {image.shape[-1]}x{image.shape[-2]}; they must match")
+    repaint = (mask >= 0.5).float()          # as generate binarizes it
+    red = torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1)
+    return {"image": image, "mask": mask}, image * (1 - repaint / 2) + red * repaint / 2
+
+
 def to_grid(images, cols):
     """(N, 3, H, W) floats in [0, 1] -> one uint8 (rows*H, cols*W, 3) array, row-major, black padding."""
     n, _, h, w = images.shape
@@ -140,11 +227,17 @@ def to_grid(images, cols):
     return (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
-def save(images, args, prompts, model, guidance):
+def save(images, args, prompts, model, guidance, picture=None, task="text-to-image"):
     cols = args.batch if len(prompts) > 1 and args.batch > 1 else math.ceil(math.sqrt(len(images)))
     cols = 5 if len(images) == 10 else cols       # the ten digits as 2 rows of 5, not 4 x 3 with 2 holes
+    if picture is not None:                       # a row per prompt: the input, then its outputs
+        rows = images.float().cpu().unflatten(0, (len(prompts), args.batch))
+        picture = picture.float().cpu().expand(len(prompts), 1, *images.shape[1:])
+        images, cols = torch.cat([picture, rows], dim=1).flatten(0, 1), args.batch + 1
     info = PngInfo()
-    for key, value in [("prompt", "\n".join(prompts)), ("negative_prompt", args.negative_prompt or ""),
+    task_meta = [("task", task), ("image", args.image), ("mask", args.mask or ""), ("upscale", args.upscale or ""),
+                 ("adapter_scale", args.adapter_scale)] if task != "text-to-image" else []
+    for key, value in task_meta + [("prompt", "\n".join(prompts)), ("negative_prompt", args.negative_prompt or ""),
                        ("seed", args.seed), ("steps", args.steps), ("sampler", args.sampler),
                        ("guidance", guidance), ("batch", args.batch), ("model", str(model)),
                        ("lora", " ".join(args.lora))]:
@@ -157,8 +250,8 @@ def save(images, args, prompts, model, guidance):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.model is None and not DEFAULT_MODEL.exists():
-        print(f"error: the shipped default model {DEFAULT_MODEL} is not built yet; pass --model PATH",
+    if args.model is None and not default_model(args.task).exists():
+        print(f"error: the shipped default model {default_model(args.task)} is not built yet; pass --model PATH",
               file=sys.stderr)
         return 1
     from weights import CheckpointError
@@ -167,11 +260,12 @@ def main(argv=None):
         check_args(args)
         prompts = read_prompts(args)
         pipe, model = build(args)
+        condition, picture = read_condition(args, pipe, model)
         guidance = default_guidance(args.sampler) if args.guidance is None else args.guidance
         images = generate(pipe, prompts, steps=args.steps, sampler=args.sampler, guidance=guidance,
                           height=args.height, width=args.width, seed=args.seed,
-                          negative_prompt=args.negative_prompt, batch=args.batch)
-        out = save(images, args, prompts, model, guidance)
+                          negative_prompt=args.negative_prompt, batch=args.batch, **condition)
+        out = save(images, args, prompts, model, guidance, picture, pipe.task)
     except (CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

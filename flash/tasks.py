@@ -94,10 +94,12 @@ def edge_map(images, threshold=0.25):
     return (g.square().sum(dim=1, keepdim=True).sqrt() > threshold).float()
 
 
-def edge_agreement(edges, reference):
-    """F1 score of two binary edge maps (B, 1, H, W) per image, an edge pixel counting as matched when the
-    other map has an edge within one pixel (the tolerance of edge-detection benchmarks): (B,) in [0, 1]."""
-    near = lambda e: F.max_pool2d(e, 3, 1, 1)      # noqa: E731  (dilate by one pixel)
+def edge_agreement(edges, reference, tolerance=0):
+    """F1 score of two binary edge maps (B, 1, H, W) per image: (B,) in [0, 1]. An edge pixel counts as
+    matched when the other map has an edge within `tolerance` pixels (0: the same pixel). On centred 32 px
+    digits a tolerance of one pixel already gives 0.85 to unrelated pairs, exact pixels 0.59: read the score
+    against the text-only (adapter off) row of the same table."""
+    near = (lambda e: F.max_pool2d(e, 2 * tolerance + 1, 1, tolerance)) if tolerance else (lambda e: e)
     tp_p = (edges * near(reference)).flatten(1).sum(1)
     tp_r = (reference * near(edges)).flatten(1).sum(1)
     precision = tp_p / edges.flatten(1).sum(1).clamp(min=1)
