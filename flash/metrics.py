@@ -92,7 +92,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     c = w1.sqrt()[:, None] * (v1.T @ v2) * w2.sqrt()
     tr_covmean = torch.linalg.svdvals(c).sum()
     diff = mu1 - mu2
-    return float(diff @ diff + sigma1.trace() + sigma2.trace() - 2 * tr_covmean)
+    # >= 0 in exact arithmetic; two equal sets can land a rounding error below zero ("-0.00")
+    return max(float(diff @ diff + sigma1.trace() + sigma2.trace() - 2 * tr_covmean), 0.0)
 
 
 def fid_from_features(features1, features2):

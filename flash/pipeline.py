@@ -18,7 +18,7 @@ enters BOTH CFG branches (only the text is dropped for the unconditional one), b
   binarized at 0.5) at the output size -> concat [mask, latent SAMPLE of the masked image]. The generator
   draws the initial noise FIRST, then the masked-image posterior sample, then the sampler's own draws.
 - "upscale" (flash's FlashUpscalePipeline): `image` = the low-res image, output = its size x `upscale`
-  -> concat [posterior mean of the bicubic-upsampled image]. Square outputs only (flash.tasks.upsample).
+  -> concat [posterior mean of the bicubic-upsampled image].
 - "adapter" (diffusers' StableDiffusionAdapterPipeline): `adapter_image` at the output size -> T2I-Adapter
   features x `adapter_scale`, added to the UNet's down path.
 Condition images are (1 or one per prompt, c, H, W) and follow the prompts' repeat_interleave order for

@@ -43,7 +43,8 @@ done
 
 if [ $QUICK = 1 ]; then
   RUN=${RUN:-runs/digits-tasks-quick}; DEST=${DEST:-$RUN/weights}; PICTURE=${PICTURE:-$RUN/tasks.png}
-  BASE=${BASE:-runs/digits-quick/digits}; TEACHER_STEPS=${TEACHER_STEPS:-2}; FLASH_STEPS=${FLASH_STEPS:-4}
+  BASE=${BASE:-runs/digits-quick/teacher2/final}; SHIPPED_BASE=${SHIPPED_BASE:-runs/digits-quick/digits}
+  TEACHER_STEPS=${TEACHER_STEPS:-2}; FLASH_STEPS=${FLASH_STEPS:-4}
   EVAL_N=${EVAL_N:-10}; EVAL_REAL=20; BATCH=4; FLASH_BATCH=2
 else
   RUN=${RUN:-runs/digits-tasks}; DEST=${DEST:-weights}; PICTURE=${PICTURE:-docs/digits_tasks.png}

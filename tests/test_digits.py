@@ -6,7 +6,8 @@
   prompt accuracy of the shipped digit classifier above a floor set a bit below the measured value (README).
 - diffusers' StableDiffusionPipeline loads weights/digits offline, and its UNet and VAE give our outputs.
 - `python sample.py --steps 4` with no --model writes the ten digits with the shipped LoRA.
-- `recipes/digits.sh --quick` runs every stage end to end on a few steps (~35 s here, so it runs in CI).
+- `recipes/digits.sh --quick` runs every stage end to end on a few steps (~35 s here, so it runs in CI), then
+  `recipes/digits_tasks.sh --quick` builds the three task demos on top of it.
 """
 import json
 import os
@@ -138,3 +139,17 @@ def test_recipe_quick_mode_runs_end_to_end(tmp_path):
     rows = json.loads((run / "eval.json").read_text())["rows"]
     assert [(r["sampler"], r["steps"]) for r in rows] == [("dpm++2m", 25), ("dpm++2m", 4), ("flash", 1),
                                                           ("flash", 2), ("flash", 4)]
+    # The task demos on top of it (recipes/digits_tasks.sh --quick), from the quick teacher and shipped folder.
+    tasks = tmp_path / "tasks"
+    env.update(RUN=str(tasks), BASE=str(run / "teacher2" / "final"), SHIPPED_BASE=str(run / "digits"))
+    r = subprocess.run(["bash", "recipes/digits_tasks.sh", "--quick"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    stages = [" ".join(line.split()[:2]) for line in (tasks / "times.txt").read_text().splitlines()]
+    assert stages == [f"{t} {s}" for t in ("inpaint", "upscale", "adapter")
+                      for s in ("init", "teacher", "flash", "ship", "picture", "eval")]
+    for t in ("inpaint", "upscale", "adapter"):
+        index = json.loads((tasks / "weights" / f"digits-{t}" / "model_index.json").read_text())
+        assert Path(tasks / "weights" / f"digits-{t}", index["flash_base"]).resolve() == (run / "digits").resolve()
+        assert json.loads((tasks / t / "eval.json").read_text())["task"] == t
+    assert (tasks / "tasks.png").is_file()

@@ -145,6 +145,9 @@ def test_upscale(pipes):
     assert maxdiff(one, generate(ours, PROMPTS, image=low[:1].repeat(2, 1, 1, 1), upscale=2, **kw)) < 1e-5
     batched = generate(ours, PROMPTS, image=low[:, :, :8, :8], upscale=2, batch=2, **kw)
     assert batched.shape == (4, 3, 16, 16)
+    # Non-square: 16 x 12 -> 32 x 24, the condition upsampled to the output's own height and width.
+    wide = generate(ours, PROMPTS, image=low[:, :, :, :12], upscale=2, **kw)
+    assert wide.shape == (2, 3, 32, 24)
 
 
 def test_condition_reaches_both_cfg_branches(pipes):
@@ -189,7 +192,6 @@ def test_errors(pipes):
     error(up, "image: missing", upscale=2)
     error(up, "upscale: the factor is required", image=img)
     error(up, "upscale: an integer factor >= 1, got 1.5", image=img, upscale=1.5)
-    error(up, "upscale: square outputs only, got 64x48", image=img, upscale=2)
     error(up, "mask: this upscale pipeline takes no mask", image=img, mask=mask, upscale=2)
     error(adapter, "adapter_image: missing", height=H, width=W)
     error(adapter, "adapter_image: 3 channels, this adapter pipeline takes 1", adapter_image=img)
