@@ -32,7 +32,11 @@ Protocol (fixed, so a rerun reproduces the numbers; eval.py's rules otherwise):
 - NFE per image and seconds per image as eval.py (the task condition's VAE encode counts in the time).
 --rows: the teacher with DPM-Solver++ 2M at 25 and 4 steps with CFG (--guidance, default 3; the image
 condition is in both CFG branches) and the Flash student (the teacher + its LoRA) at 4 and 2 steps without
-CFG; for upscale, preceded by the bicubic row, for each factor; for adapter, by the same-class row.
+CFG; for upscale, preceded by the bicubic row, for each factor; for adapter, by the same-class row. Every
+task's table starts with a "VAE reconstruction" row: the held-out digit itself encoded and decoded (posterior
+mean; for inpainting composited like the outputs), the reference for models that decode through this VAE:
+on the digits VAE its FID against the real digits is ~61 (a model need not reproduce the reconstructions'
+artefacts, so its FID can come out lower, but PSNR near it is as close as the VAE lets an output get).
 """
 import sys
 from dataclasses import dataclass
@@ -62,11 +66,12 @@ def readme_rows(task, guidance=TEACHER_GUIDANCE, factors=UPSCALE_FACTORS):
         return [TaskRow("teacher", "dpm++2m", 25, guidance, factor=factor),
                 TaskRow("teacher", "dpm++2m", 4, guidance, factor=factor),
                 *(TaskRow("Flash student", "flash", s, 0.0, True, factor) for s in (4, 2))]
+    vae = TaskRow("VAE reconstruction", "vae", 0, 0.0)       # the reference of models decoding through the VAE
     if task == "adapter":
-        return [TaskRow("same class, other digit", "real", 0, 0.0), *model_rows()]
+        return [TaskRow("same class, other digit", "real", 0, 0.0), vae, *model_rows()]
     if task != "upscale":
-        return model_rows()
-    return [row for f in factors for row in (TaskRow("bicubic", "bicubic", 0, 0.0, factor=f), *model_rows(f))]
+        return [vae, *model_rows()]
+    return [vae] + [row for f in factors for row in (TaskRow("bicubic", "bicubic", 0, 0.0, factor=f), *model_rows(f))]
 
 
 # -- inputs and generation ---------------------------------------------------------------------------
@@ -110,8 +115,13 @@ def generate_row(pipe, row, inputs, batch=50, progress=True):
     def run(first, count):
         if row.sampler == "bicubic":         # the baselines: the upsampled low-res image itself, ...
             return (upsample(condition(first, count)["image"] * 2 - 1, inputs.images.shape[-1]) + 1) / 2
-        if row.sampler == "real":            # ... or another real digit of the class
+        if row.sampler == "real":            # ... or another real digit of the class, ...
             return (inputs.same_class[first:first + count] + 1) / 2
+        if row.sampler == "vae":             # ... or the digit itself through the VAE (posterior mean)
+            vae = pipe.vae
+            x = inputs.images[first:first + count].to(next(vae.parameters()))
+            with torch.no_grad():
+                return (vae.decode(vae.encode(x).mean).float().clamp(-1, 1) + 1) / 2
         gens = []
         for state in inputs.states[first:first + count]:
             g = torch.Generator("cpu")
@@ -182,9 +192,10 @@ def table(task, results, classifier_accuracy, real_count):
         cfg = f"{r.guidance:g}" if r.guidance > 1 else "-"
         value = getattr(r, key)
         value = f"{value:.2f}" if key == "psnr" else f"{value:.3f}"
-        lines.append(f"| {r.name} | {r.sampler} | {r.steps or '-'} | {cfg} | " + f"{r.factor}x | " * factor +
-                     f"{r.nfe_per_image:g} | {value} | {r.fid:.2f} | {100 * r.prompt_accuracy:.1f}% | "
-                     f"{r.seconds_per_image:.4f} | {r.images_per_second:.1f} |")
+        speed = (f"{r.seconds_per_image:.4f} | {r.images_per_second:.1f}" if r.nfe_per_image
+                 else "- | -")                  # the baseline rows run no model
+        lines.append(f"| {r.name} | {r.sampler} | {r.steps or '-'} | {cfg} | " + (f"{r.factor}x | " if r.factor else "- | ") * factor +
+                     f"{r.nfe_per_image:g} | {value} | {r.fid:.2f} | {100 * r.prompt_accuracy:.1f}% | {speed} |")
     n = results[0].n if results else 0
     what = {"inpaint": "composites (original outside the hole, output inside)", "upscale": "outputs",
             "adapter": "outputs"}[task]
@@ -228,19 +239,22 @@ def evaluate(args, model, lora):
     inputs = {f: make_inputs(task, args.n, args.seed, f or 2) for f in factors}
 
     results, fused = {}, False
+
+    def source(row):            # the VAE row reads only the digits: any factor's inputs do
+        return inputs[row.factor if row.factor in inputs else factors[0]]
+
     for i in sorted(range(len(rows)), key=lambda i: rows[i].student):   # teacher rows first, then fuse once
         row = rows[i]
         if row.student and not fused:
             fuse_lora(pipe.denoiser)
             fused = True
         if row.student:
-            out = generate_row(pipe, row, inputs[row.factor], args.batch, not args.no_progress)
+            out = generate_row(pipe, row, source(row), args.batch, not args.no_progress)
         else:
             with lora_disabled(pipe.denoiser):
-                out = generate_row(pipe, row, inputs[row.factor], args.batch, not args.no_progress)
+                out = generate_row(pipe, row, source(row), args.batch, not args.no_progress)
         images, nfe, seconds = out
-        results[i] = score(task, row, images, inputs[row.factor], nfe, seconds, real_feats, inception,
-                           classifier, device)
+        results[i] = score(task, row, images, source(row), nfe, seconds, real_feats, inception, classifier, device)
         r, (key, head) = results[i], METRIC[task]
         print(f"eval: {task} {row.name} {row.sampler} {row.steps} steps{f' x{row.factor}' if row.factor else ''}: "
               f"{head} {getattr(r, key):.3f}, FID {r.fid:.2f}, prompt accuracy {100 * r.prompt_accuracy:.1f}%",

@@ -174,17 +174,17 @@ def test_inpaint_rows(models, tmp_path, capsys):
     rows = cfg["rows"]
     assert cfg["task"] == "inpaint" and cfg["n"] == 2
     assert [(r["name"], r["sampler"], r["steps"], r["guidance"]) for r in rows] == [
-        ("teacher", "dpm++2m", 25, 3), ("teacher", "dpm++2m", 4, 3), ("Flash student", "flash", 4, 0),
-        ("Flash student", "flash", 2, 0)]
-    assert [r["nfe_per_image"] for r in rows] == [50, 8, 4, 2]
+        ("VAE reconstruction", "vae", 0, 0), ("teacher", "dpm++2m", 25, 3), ("teacher", "dpm++2m", 4, 3),
+        ("Flash student", "flash", 4, 0), ("Flash student", "flash", 2, 0)]
+    assert [r["nfe_per_image"] for r in rows] == [0, 50, 8, 4, 2]
     assert all(r["psnr"] > 0 and r["edge_f1"] is None and r["factor"] is None for r in rows)
     assert out.splitlines()[0].startswith("| model | sampler | steps | CFG | NFE / image | PSNR in hole (dB) | FID |")
     assert "composites" in out and out.count("| Flash student | flash |") == 2
     # The teacher rows run with the LoRA disabled; the student rows with it fused.
     alone, _ = run_json(capsys, tmp_path, *common, "--sampler", "dpm++2m", "--steps", 4, "--guidance", 3)
-    assert alone["rows"][0]["psnr"] == rows[1]["psnr"] and alone["rows"][0]["name"] == "model"
+    assert alone["rows"][0]["psnr"] == rows[2]["psnr"] and alone["rows"][0]["name"] == "model"
     base, _ = run_json(capsys, tmp_path, *common, "--sampler", "flash", "--steps", 4)
-    assert base["rows"][0]["psnr"] != rows[2]["psnr"]
+    assert base["rows"][0]["psnr"] != rows[3]["psnr"]
 
 
 @needs_data
@@ -201,16 +201,23 @@ def test_upscale_one_row_per_factor(models, tmp_path, capsys):
 @needs_data
 def test_baseline_rows(models):
     import weights
-    assert [(r.name, r.sampler) for r in eval_tasks.readme_rows("adapter")][:2] == [
-        ("same class, other digit", "real"), ("teacher", "dpm++2m")]
+    assert [(r.name, r.sampler) for r in eval_tasks.readme_rows("adapter")][:3] == [
+        ("same class, other digit", "real"), ("VAE reconstruction", "vae"), ("teacher", "dpm++2m")]
     assert [(r.sampler, r.factor) for r in eval_tasks.readme_rows("upscale", factors=[2, 4])][::5] == [
+        ("vae", None), ("flash", 2), ("flash", 4)]
+    assert [(r.sampler, r.factor) for r in eval_tasks.readme_rows("upscale", factors=[2, 4])][1::5] == [
         ("bicubic", 2), ("bicubic", 4)]
     pipe = weights.load_pipeline(models["adapter"] / "pipe")
     inputs = eval_tasks.make_inputs("adapter", 3)
     out, nfe, _ = eval_tasks.generate_row(pipe, eval_tasks.readme_rows("adapter")[0], inputs, progress=False)
     assert nfe == 0 and torch.equal(out, (inputs.same_class + 1) / 2)
     inputs = eval_tasks.make_inputs("upscale", 3, factor=4)
-    row = eval_tasks.readme_rows("upscale", factors=[4])[0]
+    vae_row = eval_tasks.readme_rows("upscale", factors=[4])[0]
+    out, nfe, _ = eval_tasks.generate_row(pipe, vae_row, inputs, progress=False)
+    with torch.no_grad():
+        expected = (pipe.vae.decode(pipe.vae.encode(inputs.images).mean).clamp(-1, 1) + 1) / 2
+    assert nfe == 0 and torch.allclose(out, expected)
+    row = eval_tasks.readme_rows("upscale", factors=[4])[1]
     out, nfe, seconds = eval_tasks.generate_row(pipe, row, inputs, progress=False)
     assert nfe == 0 and torch.allclose(out, (upsample(inputs.kwargs["image"] * 2 - 1, 32) + 1) / 2)
     result = eval_tasks.TaskResult(row.name, row.sampler, row.steps, row.guidance, 3, nfe, 50.0, 0.5,
