@@ -7,6 +7,7 @@ each column from the same initial noise. Super-resolution gets a block per facto
 
     python recipes/digits_tasks_picture.py --model weights/digits-inpaint --out runs/digits-tasks/inpaint/picture.png
     python recipes/digits_tasks_picture.py --stack docs/digits_tasks.png runs/digits-tasks/inpaint runs/digits-tasks/upscale
+    python recipes/digits_tasks_picture.py --examples docs/examples      # the README's sample.py inputs
 """
 import argparse
 import sys
@@ -78,12 +79,33 @@ def stack(out, runs):
     return out
 
 
+def examples(folder):
+    """sample.py inputs made from the held-out digit 7: digit.png, hole.png (white = repaint), small.png
+    (8 px, for --upscale 4) and edges.png (its edge map)."""
+    from flash.tasks import downsample, edge_map
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    images, _ = held_out_examples()
+    seven = images[7:8]
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., 12:26, 6:22] = 1
+    for name, x in (("digit", (seven + 1) / 2), ("hole", mask), ("small", (downsample(seven, 4) + 1) / 2),
+                    ("edges", edge_map(seven))):
+        arr = (x[0].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+        Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(folder / f"{name}.png")
+    return folder
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="a shipped task folder (with flash_lora.safetensors)")
     p.add_argument("--out", help="PNG to write")
     p.add_argument("--stack", nargs="+", metavar=("OUT", "RUN"), help="stack RUN/picture.png files into OUT")
+    p.add_argument("--examples", metavar="DIR", help="write the README's sample.py input images into DIR")
     args = p.parse_args(argv)
+    if args.examples:
+        print(f"wrote {examples(args.examples)}")
+        return 0
     if args.stack:
         print(f"wrote {stack(args.stack[0], args.stack[1:])}")
         return 0
