@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
-from eval import (DTYPES, TEACHER_GUIDANCE, dtype_name, image_seed, real_digits, real_features,
+from eval import (DTYPES, TEACHER_GUIDANCE, Result, dtype_name, image_seed, real_digits, real_features,
                   timed_batches)
 from flash.tasks import UPSCALE_FACTORS, edge_agreement, edge_map, task_inputs, upsample
 
@@ -145,17 +145,7 @@ def psnr(x, y, weight=None):
 
 
 @dataclass
-class TaskResult:
-    name: str
-    sampler: str
-    steps: int
-    guidance: float
-    n: int
-    nfe_per_image: float
-    fid: float
-    prompt_accuracy: float
-    seconds_per_image: float
-    images_per_second: float
+class TaskResult(Result):        # eval.py's row result plus the task's own measures
     task: str
     factor: int = None           # upscale
     psnr: float = None           # inpaint (inside the hole), upscale (whole image)

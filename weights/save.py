@@ -276,17 +276,11 @@ def save_pipeline(pipe, folder, dtype=None, base=None):
     if base is not None:
         return _save_task_only(pipe, folder, dtype, base, index)
 
-    index["vae"] = ["diffusers", "AutoencoderKL"]
-    save_vae(pipe.vae, folder / "vae", dtype)
-    if pipe.family == "pixart":
-        save_transformer(pipe.transformer, folder / "transformer", dtype)
-        index["transformer"] = ["diffusers", "PixArtTransformer2DModel"]
-    else:
-        save_unet(pipe.unet, folder / "unet", dtype)
-        index["unet"] = ["diffusers", "UNet2DConditionModel"]
+    parts = ["vae", "transformer" if pipe.family == "pixart" else "unet"]
     if pipe.task == "adapter":
-        save_adapter(pipe.adapter, folder / "adapter", dtype)
-        index["adapter"] = ["diffusers", "T2IAdapter"]
+        parts.append("adapter")
+    for name in parts:
+        _save_part(pipe, name, folder, dtype, index)
 
     names = ["", "_2"] if pipe.family == "sdxl" else [""]
     for i, suffix in enumerate(names):
@@ -321,14 +315,21 @@ def save_pipeline(pipe, folder, dtype=None, base=None):
     return folder
 
 
+# component folder -> (the Pipeline attribute holding it, its saver, its diffusers class)
+PARTS = {"vae": ("vae", save_vae, "AutoencoderKL"), "unet": ("unet", save_unet, "UNet2DConditionModel"),
+         "transformer": ("transformer", save_transformer, "PixArtTransformer2DModel"),
+         "adapter": ("adapter", save_adapter, "T2IAdapter")}
+
+
+def _save_part(pipe, name, folder, dtype, index):
+    attr, save, cls = PARTS[name]
+    save(getattr(pipe, attr), folder / name, dtype)
+    index[name] = ["diffusers", cls]
+
+
 def _save_task_only(pipe, folder, dtype, base, index):
     """The task's own component and a model_index.json pointing at `base` for the rest."""
-    if pipe.task == "adapter":
-        save_adapter(pipe.adapter, folder / "adapter", dtype)
-        index["adapter"] = ["diffusers", "T2IAdapter"]
-    else:
-        save_unet(pipe.unet, folder / "unet", dtype)
-        index["unet"] = ["diffusers", "UNet2DConditionModel"]
+    _save_part(pipe, OWN_COMPONENT[pipe.task], folder, dtype, index)
     index["flash_base"] = Path(os.path.relpath(Path(base).resolve(), folder.resolve())).as_posix()
     write_json(index, folder / "model_index.json")
     return folder
