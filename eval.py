@@ -30,6 +30,7 @@ first n (<= 500, default 500) held-out digits, whose protocol and metrics eval_t
 Errors the user can cause end in one line on stderr, exit status 2.
 """
 import hashlib
+from contextlib import nullcontext
 import json
 import sys
 import time
@@ -277,27 +278,46 @@ def dtype_name(args):
 
 # -- main --------------------------------------------------------------------------------------------
 
-def evaluate(args, model, lora):
-    """Load, generate and score every row -> (results, classifier accuracy on real digits)."""
+def load_models(args, model, lora, task="text-to-image"):
+    """Everything that can fail fast, loaded before the first (long) row -> (pipe, the real digits, Inception,
+    the digit classifier, its accuracy on the real digits). The pipeline must be one for `task` and draw
+    digit-sized images; the LoRA is attached as adapters (see lora_mode)."""
     import weights
-    from flash.lora import fuse_lora, load_lora, lora_disabled
+    from flash.lora import load_lora
     from flash.metrics import load_digit_classifier, load_inception, prompt_accuracy
-    from flash.pipeline import default_guidance
     device, dtype = torch.device(args.device), DTYPES[dtype_name(args)]
-
-    # Everything that can fail fast is loaded before the first (long) row.
     real, real_labels = real_digits(args.real)
     inception = load_inception().to(device)
     classifier = load_digit_classifier().to(device)
     classifier_accuracy = prompt_accuracy(real.to(device), real_labels, classifier)
     pipe = weights.load_pipeline(model, dtype=dtype).to(device=device)
-    if pipe.task != "text-to-image":
-        raise ValueError(f"--model {model}: a pipeline for {pipe.task}; evaluate it with --task {pipe.task}")
+    if pipe.task != task:
+        fix = (f"; evaluate it with --task {pipe.task}" if task == "text-to-image"
+               else f", not for {task} (--task {task})")
+        raise ValueError(f"--model {model}: a pipeline for {pipe.task}{fix}")
     if pipe.default_size != real.shape[-1]:
         raise ValueError(f"--model {model}: draws {pipe.default_size}x{pipe.default_size} images; the digit "
                          f"metrics compare {real.shape[-1]}x{real.shape[-1]} ones")
     if lora is not None:
-        load_lora(pipe.denoiser, lora)        # as adapters: the teacher rows run with them disabled
+        load_lora(pipe.denoiser, lora)
+    return pipe, real, inception, classifier, classifier_accuracy
+
+
+def lora_mode(pipe, row):
+    """A student row runs with the LoRA fused (once: fusing is idempotent), a teacher row with it disabled;
+    run the teacher rows first, so the LoRA is fused only once."""
+    from flash.lora import fuse_lora, lora_disabled
+    if row.student:
+        fuse_lora(pipe.denoiser)
+        return nullcontext()
+    return lora_disabled(pipe.denoiser)
+
+
+def evaluate(args, model, lora):
+    """Load, generate and score every row -> (results, classifier accuracy on real digits)."""
+    from flash.pipeline import default_guidance
+    pipe, real, inception, classifier, classifier_accuracy = load_models(args, model, lora)
+    device = torch.device(args.device)
     if args.rows:
         rows = readme_rows(TEACHER_GUIDANCE if args.guidance is None else args.guidance)
     else:
@@ -307,13 +327,9 @@ def evaluate(args, model, lora):
     real_feats = real_features(inception, real, device)
 
     results = []
-    for row in sorted(rows, key=lambda r: r.student):          # teacher rows first, then fuse the LoRA once
-        if row.student:
-            fuse_lora(pipe.denoiser)
+    for row in sorted(rows, key=lambda r: r.student):          # teacher rows first
+        with lora_mode(pipe, row):
             images, nfe, seconds = generate_row(pipe, row, args.n, args.seed, args.batch, not args.no_progress)
-        else:
-            with lora_disabled(pipe.denoiser):
-                images, nfe, seconds = generate_row(pipe, row, args.n, args.seed, args.batch, not args.no_progress)
         results.append(score(row, images, nfe, seconds, real_feats, inception, classifier, device))
         print(f"eval: {row.name} {row.sampler} {row.steps} steps: FID {results[-1].fid:.2f}, prompt accuracy "
               f"{100 * results[-1].prompt_accuracy:.1f}%", file=sys.stderr)

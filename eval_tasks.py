@@ -43,8 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
-from eval import (DTYPES, TEACHER_GUIDANCE, Result, dtype_name, image_seed, real_digits, real_features,
-                  timed_batches)
+from eval import (TEACHER_GUIDANCE, Result, image_seed, load_models, lora_mode, real_features, timed_batches)
 from flash.tasks import UPSCALE_FACTORS, edge_agreement, edge_map, task_inputs, upsample
 
 METRIC = {"inpaint": ("psnr", "PSNR in hole (dB)"), "upscale": ("psnr", "PSNR (dB)"),
@@ -199,24 +198,9 @@ def table(task, results, classifier_accuracy, real_count):
 
 def evaluate(args, model, lora):
     """Load, generate and score every row of args.task -> (results, classifier accuracy on real digits)."""
-    import weights
-    from flash.lora import fuse_lora, load_lora, lora_disabled
-    from flash.metrics import load_digit_classifier, load_inception, prompt_accuracy
     from flash.pipeline import default_guidance
-    task, device, dtype = args.task, torch.device(args.device), DTYPES[dtype_name(args)]
-
-    real, real_labels = real_digits(args.real)
-    inception = load_inception().to(device)
-    classifier = load_digit_classifier().to(device)
-    classifier_accuracy = prompt_accuracy(real.to(device), real_labels, classifier)
-    pipe = weights.load_pipeline(model, dtype=dtype).to(device=device)
-    if pipe.task != task:
-        raise ValueError(f"--model {model}: a pipeline for {pipe.task}, not for {task} (--task {task})")
-    if pipe.default_size != real.shape[-1]:
-        raise ValueError(f"--model {model}: draws {pipe.default_size}x{pipe.default_size} images; the digit "
-                         f"metrics compare {real.shape[-1]}x{real.shape[-1]} ones")
-    if lora is not None:
-        load_lora(pipe.denoiser, lora)        # as adapters: the teacher rows run with them disabled
+    task, device = args.task, torch.device(args.device)
+    pipe, real, inception, classifier, classifier_accuracy = load_models(args, model, lora, task)
     factors = sorted(set(args.upscale or UPSCALE_FACTORS)) if task == "upscale" else [None]
     if args.rows:
         rows = readme_rows(task, TEACHER_GUIDANCE if args.guidance is None else args.guidance, factors)
@@ -228,22 +212,15 @@ def evaluate(args, model, lora):
     real_feats = real_features(inception, real, device)
     inputs = {f: make_inputs(task, args.n, args.seed, f or 2) for f in factors}
 
-    results, fused = {}, False
+    results = {}
 
     def source(row):            # the VAE row reads only the digits: any factor's inputs do
         return inputs[row.factor if row.factor in inputs else factors[0]]
 
-    for i in sorted(range(len(rows)), key=lambda i: rows[i].student):   # teacher rows first, then fuse once
+    for i in sorted(range(len(rows)), key=lambda i: rows[i].student):   # teacher rows first
         row = rows[i]
-        if row.student and not fused:
-            fuse_lora(pipe.denoiser)
-            fused = True
-        if row.student:
-            out = generate_row(pipe, row, source(row), args.batch, not args.no_progress)
-        else:
-            with lora_disabled(pipe.denoiser):
-                out = generate_row(pipe, row, source(row), args.batch, not args.no_progress)
-        images, nfe, seconds = out
+        with lora_mode(pipe, row):
+            images, nfe, seconds = generate_row(pipe, row, source(row), args.batch, not args.no_progress)
         results[i] = score(task, row, images, source(row), nfe, seconds, real_feats, inception, classifier, device)
         r, (key, head) = results[i], METRIC[task]
         print(f"eval: {task} {row.name} {row.sampler} {row.steps} steps{f' x{row.factor}' if row.factor else ''}: "

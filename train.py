@@ -65,7 +65,7 @@ from flash.schedule import SCHEDULES, NoiseSchedule, cfg, timesteps
 from flash.tasks import (UPSCALE_FACTORS, downsample, edge_map, encode, extra_channels, inpaint_condition,
                          random_masks, task_inputs, upsample)
 from weights import CheckpointError, load_pipeline, read_safetensors, write_safetensors
-from weights.save import save_adapter, save_pipeline, save_transformer, save_unet
+from weights.save import save_component, save_pipeline
 
 # ----------------------------------------------------------------------------------------------------
 # 1. Config and command line
@@ -320,6 +320,11 @@ class Models:
         """The module whose parameters train: the adapter, or the denoiser (its LoRA or every weight)."""
         return self.pipe.adapter if self.adapter_trainable else self.denoiser
 
+    @property
+    def trained_component(self):
+        """The pipeline folder the trained module is saved as when it is not a LoRA."""
+        return "adapter" if self.adapter_trainable else self.component
+
 
 IMAGE_KEYS = ("concat", "adapter_residuals")      # the image condition inside a conditioning dict
 
@@ -349,7 +354,8 @@ def image_condition(m, images, draws):
     if m.task == "upscale":
         size = images.shape[-1]
         # each image at its own factor, bicubic-upsampled back, then one batched encode
-        up = torch.cat([upsample(downsample(img[None].float(), int(f)), size) for img, f in zip(images, draws["factor"])])
+        up = torch.cat([upsample(downsample(img[None].float(), int(f)), size)
+                        for img, f in zip(images, draws["factor"])])
         return {"concat": encode(m.pipe.vae, up)}
     if m.task == "adapter":
         with torch.set_grad_enabled(m.adapter_trainable and torch.is_grad_enabled()):
@@ -435,10 +441,10 @@ def build_models(args, device):
         denoiser.enable_gradient_checkpointing()
     component = "transformer" if pipe.family == "pixart" else "unet"
     m = Models(pipe, denoiser, teacher, schedule, timesteps(schedule, args.K, "trailing"), phases,
-               not args.full_finetune, (vae.config.latent_channels, args.resolution // f, args.resolution // f),
+               not (args.full_finetune or adapter_trainable),
+               (vae.config.latent_channels, args.resolution // f, args.resolution // f),
                component, args.reference_quirks and pipe.family == "pixart", task=pipe.task,
                adapter_trainable=adapter_trainable)
-    m.lora = m.lora and not adapter_trainable
     if args.train_text_encoder:
         if pipe.family not in ("sd15", "sd2"):
             raise ValueError(f"--train-text-encoder: only for SD1.5 / SD2-style pipelines, not {pipe.family}")
@@ -555,10 +561,7 @@ def save_snapshot(m, folder):
         if m.component == "transformer":
             save_lora(m.denoiser, folder, "peft")
         return
-    if m.adapter_trainable:
-        save_adapter(m.pipe.adapter, folder / "adapter")
-        return
-    (save_transformer if m.component == "transformer" else save_unet)(m.denoiser, folder / m.component)
+    save_component(m.trained, m.trained_component, folder)
 
 
 def save_checkpoint(args, m, opts, step, streak):
@@ -613,8 +616,8 @@ def load_checkpoint(path, args, m, opts, device):
                "checkpoint_every", "sample_prompts") and json.dumps(v) != json.dumps(getattr(args, k, None))]
     if changed and int(os.environ.get("RANK", 0)) == 0:
         print(f"train.py: warning: resuming with changed settings: {', '.join(changed)}", file=sys.stderr)
-    trained = "adapter" if m.adapter_trainable else m.component
-    source = path / ("trainable.safetensors" if m.lora else f"{trained}/diffusion_pytorch_model.safetensors")
+    weights_file = f"{m.trained_component}/diffusion_pytorch_model.safetensors"
+    source = path / ("trainable.safetensors" if m.lora else weights_file)
     tensors, params = read_safetensors(source), trainable(m)
     if set(tensors) != set(params):
         raise CheckpointError(f"{source}: its tensors are not this model's trainable parameters (other --lora-* ?)")

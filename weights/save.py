@@ -315,16 +315,19 @@ def save_pipeline(pipe, folder, dtype=None, base=None):
     return folder
 
 
-# component folder -> (the Pipeline attribute holding it, its saver, its diffusers class)
-PARTS = {"vae": ("vae", save_vae, "AutoencoderKL"), "unet": ("unet", save_unet, "UNet2DConditionModel"),
-         "transformer": ("transformer", save_transformer, "PixArtTransformer2DModel"),
-         "adapter": ("adapter", save_adapter, "T2IAdapter")}
+# component folder (= the Pipeline attribute holding it) -> (its saver, its diffusers class)
+PARTS = {"vae": (save_vae, "AutoencoderKL"), "unet": (save_unet, "UNet2DConditionModel"),
+         "transformer": (save_transformer, "PixArtTransformer2DModel"), "adapter": (save_adapter, "T2IAdapter")}
+
+
+def save_component(model, name, folder, dtype=None):
+    """A model -> the diffusers component folder FOLDER/NAME ("vae", "unet", "transformer", "adapter")."""
+    return PARTS[name][0](model, Path(folder) / name, dtype)
 
 
 def _save_part(pipe, name, folder, dtype, index):
-    attr, save, cls = PARTS[name]
-    save(getattr(pipe, attr), folder / name, dtype)
-    index[name] = ["diffusers", cls]
+    save_component(getattr(pipe, name), name, folder, dtype)
+    index[name] = ["diffusers", PARTS[name][1]]
 
 
 def _save_task_only(pipe, folder, dtype, base, index):
