@@ -221,7 +221,7 @@ def real_features(inception, images, device, batch=50):
     unreadable."""
     from safetensors import SafetensorError, safe_open
     from flash.metrics import inception_features
-    from weights.io import write_safetensors
+    from flash.io import write_safetensors
     digest = hashlib.sha1(images.float().contiguous().numpy().tobytes()).hexdigest()
     path = CACHE_DIR / f"fid_digits_test_{len(images)}_{torch.device(device).type}.safetensors"
     try:

@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
-from weights.io import read_safetensors, write_safetensors
+from flash.io import read_safetensors, write_safetensors
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 PIXART_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",

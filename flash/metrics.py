@@ -19,7 +19,7 @@ Local Nash Equilibrium") with the real FID Inception network, and prompt accurac
   8 bits as if saved to PNG (the same for real and generated sets), upsampled to 299x299 by bilinear
   interpolation on tensors (`align_corners=False`, as pytorch-fid does; clean-fid would resize with PIL
   bicubic instead), and scaled (x - 128) / 128 as the TF graph expects.
-- `DigitClassifier`: a ~66k-parameter CNN trained on `Digits("train")` by weights/train_digit_classifier.py;
+- `DigitClassifier`: a ~66k-parameter CNN trained on `Digits("train")` by recipes/train_digit_classifier.py;
   `prompt_accuracy` is the share of images it labels as the prompted digit.
 
 Neither network has options, so neither has a config dataclass.
@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from weights.io import check_state_dict, load_into, read_safetensors, write_safetensors
+from flash.io import check_state_dict, load_into, read_safetensors, write_safetensors
 
 ROOT = Path(__file__).resolve().parent.parent
 INCEPTION_FILE = ROOT / "data" / "fid_inception.safetensors"

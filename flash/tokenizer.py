@@ -34,7 +34,7 @@ from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as Backend
 from tokenizers.models import BPE, Unigram
 
-from weights.io import CheckpointError
+from flash.io import CheckpointError
 
 # OpenAI's pattern: contractions, letter runs, ONE digit per token, runs of other non-space symbols.
 CLIP_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""

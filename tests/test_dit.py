@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from flash.dit import CONFIGS, PixArtConfig, additional_conditions, build, sincos_pos_embed_2d
 from weights import load_transformer
-from weights.io import CheckpointError
+from flash.io import CheckpointError
 from weights.pixart import config_from_original, convert_original
 
 TOL = 1e-5

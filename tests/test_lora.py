@@ -16,7 +16,7 @@ from peft.utils import get_peft_model_state_dict
 
 import weights
 from flash import lora as L
-from weights.io import CheckpointError, read_safetensors, write_safetensors
+from flash.io import CheckpointError, read_safetensors, write_safetensors
 
 TINY_UNET = dict(block_out_channels=(8, 16), layers_per_block=1, sample_size=8, norm_num_groups=4,
                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),

@@ -108,7 +108,7 @@ def test_feature_stats_float64_like_numpy():
         feature_stats(torch.randn(10))
 
 
-# Measured by weights/train_digit_classifier.py: 491 / 500 = 0.982. The threshold sits one image below, so
+# Measured by recipes/train_digit_classifier.py: 491 / 500 = 0.982. The threshold sits one image below, so
 # a changed classifier, data split or preprocessing fails it.
 CLASSIFIER_HELD_OUT_ACCURACY = 0.982
 

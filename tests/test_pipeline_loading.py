@@ -20,7 +20,7 @@ from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjec
 
 import weights
 from flash.pipeline import Pipeline
-from weights.io import CheckpointError
+from flash.io import CheckpointError
 
 TOL = 1e-5
 VOCAB = "weights/clip_vocab"

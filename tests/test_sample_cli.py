@@ -19,7 +19,7 @@ from PIL import Image
 
 import sample
 from test_pipeline import make_sd15
-from weights.io import write_safetensors
+from flash.io import write_safetensors
 
 ROOT = Path(__file__).resolve().parents[1]
 FLAGS = ["--model", "--prompt", "--prompts-file", "--negative-prompt", "--steps", "--sampler", "--guidance",

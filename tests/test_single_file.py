@@ -17,7 +17,7 @@ from test_pipeline_loading import check_sd, make_sd, make_sdxl
 import weights
 from flash import clip, unet, vae
 from weights import single_file
-from weights.io import CheckpointError
+from flash.io import CheckpointError
 
 # Config fields that shapes cannot show: heads and GroupNorm groups of the tiny models.
 TINY_OVERRIDES = {

@@ -24,7 +24,7 @@ from flash.pipeline import generate
 from flash.unet import UNet2DConditionModel as FlashUNet
 from tests.test_pipeline import (H, PROMPTS, SD15_SCHEDULER, W, clip_tokenizer, maxdiff, randomize, tiny_clip,
                                  tiny_unet, tiny_vae)
-from weights.io import CheckpointError
+from flash.io import CheckpointError
 from weights.save import save_pipeline
 
 ACCEPT = 2 / 255

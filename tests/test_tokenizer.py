@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from flash.tokenizer import load_tokenizer, read_spiece
-from weights.io import CheckpointError
+from flash.io import CheckpointError
 
 transformers = pytest.importorskip("transformers")
 spm = pytest.importorskip("sentencepiece")

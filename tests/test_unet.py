@@ -9,7 +9,7 @@ from diffusers import UNet2DConditionModel as RefUNet
 
 import weights
 from flash.unet import CONFIGS, UNet2DConditionModel, UNetConfig
-from weights.io import CheckpointError
+from flash.io import CheckpointError
 
 TOL = 1e-5
 CTX = 24  # tiny cross_attention_dim

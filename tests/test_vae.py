@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 import weights
 from flash.vae import CONFIGS, AutoencoderKL, VAEConfig
-from weights.io import CheckpointError
+from flash.io import CheckpointError
 
 TOL = 1e-5
 TINY = dict(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,

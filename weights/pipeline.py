@@ -35,8 +35,8 @@ import torch
 from flash import clip
 from flash.pipeline import Pipeline
 from flash.tokenizer import CLIP_EOS, clip_tokenizer, load_tokenizer, read_clip_vocab
+from flash.io import CheckpointError, load_into, read_config, read_safetensors, refuse_pickle
 from weights import single_file
-from weights.io import CheckpointError, load_into, read_config, read_safetensors, refuse_pickle
 from weights.pixart import is_original_layout, load_transformer
 from weights.sd import build_unet, build_vae, load_adapter, load_state, load_unet, load_vae
 from weights.text import load_text_encoder

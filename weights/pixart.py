@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from flash.dit import CONFIGS, PixArtConfig, build
-from weights.io import CheckpointError, find_weights, load_into, read_config, read_safetensors, read_weights
+from flash.io import CheckpointError, find_weights, load_into, read_config, read_safetensors, read_weights
 
 # Ordered rules: the first pattern matching the START of a key wins, and the rest of the key (".weight",
 # ".bias" or nothing) is appended to each target. One target renames; several split the tensor into equal

@@ -37,9 +37,11 @@ from pathlib import Path
 from flash import clip, t5
 from flash.adapter import AdapterConfig
 from flash.dit import PixArtConfig
+from flash.io import write_safetensors
+from flash.lora import lora_modules
 from flash.unet import UNetConfig
 from flash.vae import VAEConfig
-from weights.io import write_safetensors
+from weights.pipeline import SCHEDULER_CONFIGS
 
 DIFFUSERS_VERSION = "0.42.1"        # the diffusers release whose folder layout this writes
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -108,7 +110,6 @@ def state_for_saving(model, dtype=None, drop=()):
 
     LoRA adapters fused into the weights (flash.lora.fuse_lora) are saved as part of them; adapters that
     are not fused are refused, since the base weights alone would silently be the model without them."""
-    from flash.lora import lora_modules
     adapters = lora_modules(model)
     unfused = sorted(n for n, m in adapters.items() if not m.merged)
     if unfused:
@@ -240,7 +241,6 @@ def save_tokenizer(tokenizer, folder):
 def scheduler_config(pipe):
     """The pipeline's scheduler config, with the class diffusers should build (the family's released one
     when the config names none)."""
-    from weights.pipeline import SCHEDULER_CONFIGS
     config = dict(pipe.scheduler_config or SCHEDULER_CONFIGS[pipe.family])
     config.setdefault("_class_name", SCHEDULER_CONFIGS[pipe.family]["_class_name"])
     config.setdefault("_diffusers_version", DIFFUSERS_VERSION)

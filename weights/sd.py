@@ -2,7 +2,7 @@
 
 A component folder is `config.json` + `diffusion_pytorch_model.safetensors` (or a sharded
 `*.safetensors.index.json`, or the `.fp16` variants). The model is built on the meta device from the config
-and the tensors read from the file become its parameters (weights.io.load_into, strict): since flash's module
+and the tensors read from the file become its parameters (flash.io.load_into, strict): since flash's module
 trees equal diffusers' key trees, the only conversion is one rule for an older diffusers VAE layout:
 - diffusers < 0.14 saved the VAE mid-block attention as `query`, `key`, `value`, `proj_attn` (and the LDM
   release as 1x1 convs): renamed to `to_q`, `to_k`, `to_v`, `to_out.0`, with 1x1 conv weights squeezed.
@@ -18,7 +18,7 @@ import torch
 from flash.adapter import AdapterConfig, T2IAdapter
 from flash.unet import UNet2DConditionModel, UNetConfig
 from flash.vae import AutoencoderKL, VAEConfig
-from weights.io import CheckpointError, find_weights, load_into, read_config, read_weights
+from flash.io import CheckpointError, find_weights, load_into, read_config, read_weights
 
 WEIGHTS_STEM = "diffusion_pytorch_model"
 _OLD_VAE_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}

@@ -31,7 +31,7 @@ from flash.clip import CONFIGS as CLIP_CONFIGS
 from flash.clip import CLIPTextConfig
 from flash.unet import CONFIGS as UNET_CONFIGS
 from flash.vae import CONFIGS as VAE_CONFIGS
-from weights.io import CheckpointError
+from flash.io import CheckpointError
 from weights.text import clip_keys
 
 FAMILIES = ("sd15", "sd2", "sdxl")

@@ -2,7 +2,7 @@
 into flash.clip.CLIPTextModel or flash.t5.T5EncoderModel.
 
 The model is built on the meta device and the tensors read from the file become its parameters
-(weights.io.load_into, strict). Our module trees equal the checkpoint key trees, so the only conversion is
+(flash.io.load_into, strict). Our module trees equal the checkpoint key trees, so the only conversion is
 a few explicit rules for how transformers' saves differ between versions:
 - CLIP: transformers >= 5 saves CLIPTextModel without the `text_model.` wrapper (`embeddings.*`), while
   transformers 4 saves (every released SD checkpoint) and CLIPTextModelWithProjection keep it: add it.
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from flash import clip, t5
-from weights.io import CheckpointError, find_weights, load_into, read_config, read_weights
+from flash.io import CheckpointError, find_weights, load_into, read_config, read_weights
 
 ARCHITECTURES = ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel")
 

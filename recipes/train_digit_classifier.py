@@ -1,6 +1,6 @@
 """Train the digit classifier behind prompt accuracy and write weights/digit_classifier.safetensors.
 
-    python weights/train_digit_classifier.py            # about 1-2 minutes on one CPU core
+    python recipes/train_digit_classifier.py            # about 1-2 minutes on one CPU core
 
 `flash.metrics.DigitClassifier` trained on the 4,500 `Digits("train")` images (fixed seed, one thread, so
 a rerun on the same machine writes the same file), with small random affine jitter (rotation, scale,
@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from flash.data import Digits  # noqa: E402
+from flash.io import write_safetensors  # noqa: E402
 from flash.metrics import CLASSIFIER_FILE, DigitClassifier, classify_digits  # noqa: E402
-from weights.io import write_safetensors  # noqa: E402
 
 
 def jitter(x, generator):
