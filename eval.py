@@ -40,9 +40,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from flash.cli import DEFAULT_MODEL, DTYPES, Parser
 from flash.schedule import SAMPLERS
 from flash.tasks import UPSCALE_FACTORS
-from sample import DEFAULT_MODEL, DTYPES, Parser  # the same default model and one-line argparse errors
 
 ROOT = Path(__file__).resolve().parent
 LORA_NAME = "flash_lora.safetensors"      # the Flash student inside a shipped model folder

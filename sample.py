@@ -26,7 +26,6 @@ prompt (the digits models were trained with 10% empty captions, so the image alo
 need one. The PNG shows, per prompt, the input (the mask overlaid in red, the low-res image enlarged, the
 condition image) then the outputs.
 """
-import argparse
 import math
 import sys
 from pathlib import Path
@@ -36,18 +35,8 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from flash.cli import DEFAULT_LORA, DEFAULT_MODEL, DTYPES, TASKS, Parser, default_model, parse_lora
 from flash.schedule import SAMPLERS
-
-DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "digits"
-DEFAULT_LORA = "flash_lora.safetensors"     # inside DEFAULT_MODEL: the Flash student of the shipped teacher
-TASKS = ("inpaint", "upscale", "adapter")   # beyond text-to-image: shipped as weights/digits-TASK
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):           # one line instead of argparse's usage block + message
-        self.exit(2, f"error: {message} (see --help)\n")
-
 
 def parse_args(argv=None):
     p = Parser(description=__doc__.split("\n\n")[0])
@@ -129,19 +118,6 @@ def read_prompts(args):
     if not prompts:
         raise ValueError("no prompt: pass --prompt TEXT (repeatable) or --prompts-file FILE")
     return prompts
-
-
-def parse_lora(spec):
-    """"path" or "path:scale" (a trailing ":number"; other colons belong to the path)."""
-    path, _, scale = spec.rpartition(":")
-    try:
-        return (path, float(scale)) if path else (spec, 1.0)
-    except ValueError:
-        return spec, 1.0
-
-
-def default_model(task=None):
-    return DEFAULT_MODEL.parent / f"digits-{task}" if task else DEFAULT_MODEL
 
 
 def build(args):

@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from flash.cli import Parser
 from flash.data import DIGITS_FILE, Digits, ImageCaptionFolder
 from flash.lora import DEFAULT_TARGETS, PIXART_TARGETS, inject_lora, lora_disabled, mark_only_lora_trainable, save_lora
 from flash.losses import (DEFAULTS, DiscriminatorHead, Phase, discriminator_loss, distillation_loss, dmd_loss,
@@ -80,13 +81,8 @@ def numbers(text):
     return [float(v) for v in text.split(",")]
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):          # one line instead of the 20-line usage block
-        self.exit(2, f"train.py: error: {message} (see train.py --help)\n")
-
-
 def parse_args(argv=None):
-    p = Parser(description="Flash Diffusion distillation / diffusion training (docs/method.md)")
+    p = Parser(prefix="train.py: ", description="Flash Diffusion distillation / diffusion training (docs/method.md)")
     a = p.add_argument
     a("--model", required=True, help="pipeline folder (SD1.5, SDXL, PixArt) or single-file checkpoint")
     a("--data", required=True, help="folder of images with .txt captions (or captions.jsonl), or 'digits'")

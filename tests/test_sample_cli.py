@@ -18,6 +18,8 @@ import torch
 from PIL import Image
 
 import sample
+import flash.cli
+from flash.cli import parse_lora
 from test_pipeline import make_sd15
 from flash.io import write_safetensors
 
@@ -160,16 +162,16 @@ def test_bad_arguments_one_line(model, tmp_path, capsys, case, needle):
 
 
 def test_missing_default_model(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(sample, "DEFAULT_MODEL", tmp_path / "digits")
+    monkeypatch.setattr(flash.cli, "DEFAULT_MODEL", tmp_path / "digits")
     code, err = main_error(capsys, ["--prompt", "a 7"])
     assert code == 1 and len(err) == 1 and "not built yet" in err[0] and "--model" in err[0]
 
 
 def test_lora_spec_parsing():
-    assert sample.parse_lora("a/b.safetensors") == ("a/b.safetensors", 1.0)
-    assert sample.parse_lora("a/b.safetensors:0.7") == ("a/b.safetensors", 0.7)
-    assert sample.parse_lora("C:/x/y.safetensors") == ("C:/x/y.safetensors", 1.0)
-    assert sample.parse_lora("C:/x/y.safetensors:-1") == ("C:/x/y.safetensors", -1.0)
+    assert parse_lora("a/b.safetensors") == ("a/b.safetensors", 1.0)
+    assert parse_lora("a/b.safetensors:0.7") == ("a/b.safetensors", 0.7)
+    assert parse_lora("C:/x/y.safetensors") == ("C:/x/y.safetensors", 1.0)
+    assert parse_lora("C:/x/y.safetensors:-1") == ("C:/x/y.safetensors", -1.0)
 
 
 def test_lora_scale(model, tmp_path, capsys):
@@ -359,6 +361,6 @@ def test_task_errors_one_line(model, tasks, tmp_path, capsys, monkeypatch, case,
 
 
 def test_missing_shipped_task_demo(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(sample, "DEFAULT_MODEL", tmp_path / "digits")
+    monkeypatch.setattr(flash.cli, "DEFAULT_MODEL", tmp_path / "digits")
     code, err = main_error(capsys, ["--task", "upscale", "--image", "x.png"])
     assert code == 1 and len(err) == 1 and "digits-upscale is not built yet" in err[0]

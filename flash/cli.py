@@ -1,0 +1,38 @@
+"""What the command-line scripts (sample.py, eval.py, train.py) share: the one-line argparse error, the
+dtype names, and where the shipped demo models live."""
+import argparse
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = ROOT / "weights" / "digits"          # the shipped default (recipes/digits.sh trains it)
+DEFAULT_LORA = "flash_lora.safetensors"              # inside a shipped model folder: its Flash student
+TASKS = ("inpaint", "upscale", "adapter")            # beyond text-to-image: shipped as weights/digits-TASK
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (`PREFIX error: message (see PROG --help)`, exit 2) instead of the
+    usage block; `prefix` is what the script's other errors start with."""
+
+    def __init__(self, *args, prefix="", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.prefix = prefix
+
+    def error(self, message):
+        self.exit(2, f"{self.prefix}error: {message} (see {self.prog} --help)\n")
+
+
+def default_model(task=None):
+    """The shipped digits model folder, or its task demo weights/digits-TASK."""
+    return DEFAULT_MODEL.parent / f"digits-{task}" if task else DEFAULT_MODEL
+
+
+def parse_lora(spec):
+    """"path" or "path:scale" (a trailing ":number"; other colons belong to the path)."""
+    path, _, scale = spec.rpartition(":")
+    try:
+        return (path, float(scale)) if path else (spec, 1.0)
+    except ValueError:
+        return spec, 1.0
