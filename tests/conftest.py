@@ -14,10 +14,6 @@ import torch  # noqa: E402
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: end-to-end checks that take minutes; deselect with -m 'not slow'")
-
-
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -10,21 +10,18 @@ DPM-Solver++ 2M (CFG 7.5) and LCMScheduler (4 steps, no CFG), images 32 x 24 (no
 and width cannot pass).
 """
 import json
-import random
-import shutil
 
 import pytest
 import torch
-from diffusers import (AutoencoderKL, DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
-                       LCMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel, StableDiffusionPipeline,
-                       StableDiffusionXLPipeline, UNet2DConditionModel)
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5Config
-from transformers import T5EncoderModel, T5Tokenizer
+from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, LCMScheduler,
+                       PixArtAlphaPipeline, PixArtTransformer2DModel, StableDiffusionXLPipeline)
+from transformers import T5Config, T5EncoderModel
 
 import weights
 from flash.pipeline import Conditioning, Pipeline, encode_prompt, generate, schedule_for
+from helpers import (SD15_SCHEDULER, hf_clip_tokenizer, hf_t5_tokenizer, make_sd15, maxdiff, randomize, tiny_clip,
+                     tiny_unet, tiny_vae)
 
-VOCAB = "weights/clip_vocab"
 H, W = 32, 24                 # pixels; the tiny VAEs have 2 levels (f = 2): latents 16 x 12
 PROMPTS = ["a photo of a cat", "A red BUS on the Moon, 2024!"]
 # fp32 on both sides. Measured: ~1e-6, except DDIM with clip_sample (PixArt's config lacks the key, so DDIM's
@@ -33,12 +30,6 @@ PROMPTS = ["a photo of a cat", "A red BUS on the Moon, 2024!"]
 STRICT = 2e-4
 ACCEPT = 2 / 255
 
-# The released SD1.5 scheduler_config.json: a PNDM config without timestep_spacing or clip_sample, so each
-# sampler takes those from its own diffusers class (Euler and DPM-Solver space "linspace", DDIM "leading").
-SD15_SCHEDULER = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
-                  "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
-                  "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
-                  "clip_sample": False}
 # The released SDXL-base-1.0 one (EulerDiscreteScheduler, "leading" spacing, inherited clip_sample false).
 SDXL_SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "_diffusers_version": "0.19.0.dev0", "beta_end": 0.012,
                   "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
@@ -53,50 +44,6 @@ SAMPLERS = {  # flash sampler -> (diffusers scheduler class, steps, guidance)
 }
 
 
-def randomize(model, seed, scale=0.05):
-    """Perturb every parameter (zero-initialised ones included) so that mis-wired inputs change the output."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-    return model.eval()
-
-
-def tiny_vae(seed, **kw):
-    return randomize(AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-                                   up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1,
-                                   norm_num_groups=8, latent_channels=4, sample_size=16, **kw), seed)
-
-
-def tiny_clip(seed, hidden, projection=None):
-    cfg = CLIPTextConfig(vocab_size=49408, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=77, projection_dim=projection or hidden,
-                         bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
-    return randomize((CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg), seed)
-
-
-def clip_tokenizer(pad="<|endoftext|>"):
-    return CLIPTokenizer(f"{VOCAB}/vocab.json", f"{VOCAB}/merges.txt", model_max_length=77, pad_token=pad)
-
-
-def tiny_unet(seed, cross, **kw):
-    return randomize(UNet2DConditionModel(
-        block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, sample_size=8, cross_attention_dim=cross,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), **kw), seed)
-
-
-def make_sd15(folder):
-    """SD1.5-like: one CLIP (last hidden state), conv projections, the released PNDM scheduler config."""
-    pipe = StableDiffusionPipeline(vae=tiny_vae(1), text_encoder=tiny_clip(2, 16), tokenizer=clip_tokenizer(),
-                                   unet=tiny_unet(3, 16, attention_head_dim=2),
-                                   scheduler=DDIMScheduler.from_config(SD15_SCHEDULER), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(folder)
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD15_SCHEDULER))
-    return pipe
-
-
 def make_sdxl(folder):
     """SDXL-like: CLIP-L-like (16) ++ bigG-like with projection (24 -> pooled 20), text_time conditioning,
     tokenizer_2 padding with "!", an Euler scheduler config with "leading" spacing as released."""
@@ -105,46 +52,19 @@ def make_sdxl(folder):
                      projection_class_embeddings_input_dim=20 + 6 * 8, transformer_layers_per_block=(1, 2))
     scheduler = EulerDiscreteScheduler.from_config(SDXL_SCHEDULER)
     pipe = StableDiffusionXLPipeline(vae=tiny_vae(4, scaling_factor=0.13025, force_upcast=True),
-                                     text_encoder=tiny_clip(5, 16), text_encoder_2=tiny_clip(7, 24, projection=20),
-                                     tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer(pad="!"), unet=unet,
+                                     text_encoder=tiny_clip(5, 16, eos=49407),
+                                     text_encoder_2=tiny_clip(7, 24, projection=20, eos=49407),
+                                     tokenizer=hf_clip_tokenizer(), tokenizer_2=hf_clip_tokenizer(pad="!"), unet=unet,
                                      scheduler=scheduler, add_watermarker=False)
     pipe.save_pretrained(folder)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SDXL_SCHEDULER))
     return pipe
 
 
-def make_corpus(path, seed=0):
-    rng = random.Random(seed)
-    words = ("a photo of cat dog red bus on the moon astronaut riding horse painting by van gogh city street at "
-             "night portrait woman man blue green cinematic lighting highly detailed").split()
-    words += ["".join(rng.choice("ka ri to na me so lu pi de gra stro ing ed er".split()) for _ in range(3))
-              for _ in range(200)]
-    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 10))) + rng.choice([".", "!", ""])
-             for _ in range(1500)]
-    path.write_text("\n".join(lines))
-
-
-def t5_tokenizer(root):
-    """A 200-piece unigram model with T5's special ids (pad 0, eos 1, unk 2, no bos), trained here."""
-    import sentencepiece as spm
-    make_corpus(root / "corpus.txt")
-    spm.SentencePieceTrainer.train(input=str(root / "corpus.txt"), model_prefix=str(root / "sp"), vocab_size=200,
-                                   model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-                                   character_coverage=1.0, minloglevel=2)
-    folder = root / "t5_tokenizer"
-    folder.mkdir()
-    shutil.copy(root / "sp.model", folder / "spiece.model")
-    specials = {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>",
-                "additional_special_tokens": [f"<extra_id_{i}>" for i in range(100)]}
-    (folder / "tokenizer_config.json").write_text(json.dumps(dict(specials, extra_ids=100, model_max_length=512,
-                                                                  tokenizer_class="T5Tokenizer")))
-    return T5Tokenizer.from_pretrained(folder)
-
-
 def make_pixart(folder):
     """PixArt-like: T5 (16 wide) captions, sample_size 128 so the 1024-MS resolution / aspect-ratio
     conditions are on, the DPM-Solver scheduler config PixArt ships (linear betas, no clip_sample key)."""
-    tok = t5_tokenizer(folder.parent)
+    tok = hf_t5_tokenizer(folder.parent)
     t5 = randomize(T5EncoderModel(T5Config(vocab_size=len(tok), d_model=16, d_kv=8, d_ff=32, num_layers=2,
                                            num_heads=2, feed_forward_proj="gated-gelu",
                                            relative_attention_num_buckets=8)), 8)
@@ -198,10 +118,6 @@ def run_theirs(pipe, scheduler_cls, steps, guidance, seed=0, **kw):
     with torch.no_grad():
         return pipe(num_inference_steps=steps, guidance_scale=guidance, height=H, width=W, output_type="pt",
                     generator=torch.Generator("cpu").manual_seed(seed), **extra, **kw).images
-
-
-def maxdiff(a, b):
-    return (a - b).abs().max().item()
 
 
 @pytest.mark.parametrize("sampler", list(SAMPLERS))

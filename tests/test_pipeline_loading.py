@@ -4,56 +4,27 @@ and PixArt-like pipelines assembled and saved by diffusers (`pipeline.save_pretr
 checked against the diffusers / transformers object it was saved from (fp32, max abs diff <= 1e-5), and the
 family, the scheduler config and the errors are checked too.
 
-The builders here are shared with tests/test_single_file.py, which writes the same pipelines as single files.
+The builders and checks here are shared with tests/test_single_file.py, which writes the same pipelines as
+single files; the tiny components come from tests/helpers.py.
 """
 import json
-import random
 import shutil
 
 import pytest
 import torch
-from diffusers import (AutoencoderKL, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PixArtAlphaPipeline,
-                       PixArtTransformer2DModel, PNDMScheduler, StableDiffusionInpaintPipeline,
-                       StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel)
-from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5Config,
-                          T5EncoderModel, T5Tokenizer)
+from diffusers import (DPMSolverMultistepScheduler, EulerDiscreteScheduler, PixArtAlphaPipeline,
+                       PixArtTransformer2DModel, PNDMScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline,
+                       StableDiffusionXLPipeline, UNet2DConditionModel)
+from transformers import T5Config, T5EncoderModel
 
 import weights
-from flash.pipeline import Pipeline
 from flash.io import CheckpointError
+from flash.pipeline import Pipeline
+from helpers import hf_clip_tokenizer, hf_t5_tokenizer, maxdiff, randomize, tiny_clip, tiny_vae
 
 TOL = 1e-5
-VOCAB = "weights/clip_vocab"
 PROMPTS = ["a photo of a cat", "An astronaut riding a horse on the Moon, 2024!!"]
 SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
-
-
-def randomize(model, seed, scale=0.05):
-    """Perturb every parameter (norms and zero-initialised convs too) so that a mis-wired key shows."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-    return model.eval()
-
-
-def tiny_clip(seed, hidden=32, layers=2, act="quick_gelu", projection=None, eos=2):
-    """A CLIP text tower over the real 49,408-token vocabulary. eos_token_id 2 is what the released SD configs
-    say (legacy argmax pooling); 49407 is what newer ones say."""
-    cfg = CLIPTextConfig(vocab_size=49408, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=2, max_position_embeddings=77, hidden_act=act,
-                         projection_dim=projection or hidden, bos_token_id=49406, eos_token_id=eos, pad_token_id=49407)
-    return randomize((CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg), seed)
-
-
-def clip_tokenizer(pad="<|endoftext|>"):
-    return CLIPTokenizer(f"{VOCAB}/vocab.json", f"{VOCAB}/merges.txt", model_max_length=77, pad_token=pad)
-
-
-def tiny_vae(seed, **kw):
-    return randomize(AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-                                   up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
-                                   norm_num_groups=8, sample_size=16, **kw), seed)
 
 
 # The UNets. SD-like: 3 levels, 2 layers per block (the released numbering of LDM's input/output_blocks), conv
@@ -80,7 +51,7 @@ def make_sd(folder, kind="sd15"):
     cls = StableDiffusionInpaintPipeline if kind == "inpaint" else StableDiffusionPipeline
     sd2 = kind == "sd2"
     pipe = cls(vae=tiny_vae(1), text_encoder=tiny_clip(2, act="gelu" if sd2 else "quick_gelu"),
-               tokenizer=clip_tokenizer("!" if sd2 else "<|endoftext|>"),
+               tokenizer=hf_clip_tokenizer("!" if sd2 else "<|endoftext|>"),
                unet=randomize(UNet2DConditionModel(**UNETS[kind]), 3),
                scheduler=PNDMScheduler(**SD_SCHEDULER, set_alpha_to_one=False, skip_prk_steps=True),
                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
@@ -93,31 +64,11 @@ def make_sdxl(folder):
     text_time conditioning (pooled 24 + 6 ids x 8), tokenizer_2 padding with "!"."""
     pipe = StableDiffusionXLPipeline(
         vae=tiny_vae(4, scaling_factor=0.13025, force_upcast=True), text_encoder=tiny_clip(5),
-        text_encoder_2=tiny_clip(6, layers=3, act="gelu", projection=24, eos=49407), tokenizer=clip_tokenizer(),
-        tokenizer_2=clip_tokenizer(pad="!"), unet=randomize(UNet2DConditionModel(**UNETS["sdxl"]), 7),
+        text_encoder_2=tiny_clip(6, layers=3, act="gelu", projection=24, eos=49407), tokenizer=hf_clip_tokenizer(),
+        tokenizer_2=hf_clip_tokenizer(pad="!"), unet=randomize(UNet2DConditionModel(**UNETS["sdxl"]), 7),
         scheduler=EulerDiscreteScheduler(**SD_SCHEDULER, timestep_spacing="leading"), add_watermarker=False)
     pipe.save_pretrained(folder)
     return pipe
-
-
-def t5_tokenizer(root):
-    """A 200-piece unigram model with T5's special ids (pad 0, eos 1, unk 2, no bos), trained here."""
-    import sentencepiece as spm
-    rng = random.Random(0)
-    words = "a photo of cat dog red bus on the moon astronaut riding horse painting city street at night".split()
-    words += ["".join(rng.choice("ka ri to na me so lu pi de gra".split()) for _ in range(3)) for _ in range(200)]
-    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 10))) for _ in range(1500)]
-    (root / "corpus.txt").write_text("\n".join(lines))
-    spm.SentencePieceTrainer.train(input=str(root / "corpus.txt"), model_prefix=str(root / "sp"), vocab_size=200,
-                                   model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-                                   character_coverage=1.0, minloglevel=2)
-    folder = root / "t5_tokenizer"
-    folder.mkdir()
-    (root / "sp.model").rename(folder / "spiece.model")
-    (folder / "tokenizer_config.json").write_text(json.dumps(dict(
-        eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=100, model_max_length=512,
-        tokenizer_class="T5Tokenizer")))
-    return T5Tokenizer.from_pretrained(folder)
 
 
 def make_pixart(folder, with_text=True):
@@ -125,7 +76,7 @@ def make_pixart(folder, with_text=True):
     without a T5 vocabulary), a tiny 1024-MS-like transformer (size conditions on), the SD VAE."""
     tok = t5 = None
     if with_text:
-        tok = t5_tokenizer(folder.parent)
+        tok = hf_t5_tokenizer(folder.parent)
         t5 = randomize(T5EncoderModel(T5Config(vocab_size=len(tok), d_model=16, d_kv=8, d_ff=32, num_layers=2,
                                                num_heads=2, feed_forward_proj="gated-gelu")), 8)
     transformer = randomize(PixArtTransformer2DModel(
@@ -140,10 +91,6 @@ def make_pixart(folder, with_text=True):
 
 
 # ------------------------------------------------------------------------------------------ comparisons
-
-def maxdiff(a, b):
-    return (a - b).abs().max().item()
-
 
 def check_tokenizer(ours, theirs, length=77):
     want = theirs(PROMPTS, padding="max_length", max_length=length, truncation=True, return_tensors="pt")

@@ -23,20 +23,13 @@ from flash.pipeline import Pipeline, generate
 from flash.tokenizer import SentencePieceModel, clip_tokenizer, read_clip_vocab, t5_tokenizer
 from flash.unet import UNet2DConditionModel, UNetConfig
 from flash.vae import AutoencoderKL, VAEConfig
+from helpers import randomize
 from recipes.digits_init import build as build_digits
 from weights.save import folder_size, save_pipeline, save_text_encoder, save_unet, save_vae
 
 VOCAB = "weights/clip_vocab"
 PROMPTS = ["a handwritten digit seven", "the number 3"]
 ACCEPT = 2 / 255
-
-
-def randomize(model, seed, scale=0.05):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-    return model.eval()
 
 
 def clip_tok(pad="<|endoftext|>"):

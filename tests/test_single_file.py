@@ -12,12 +12,12 @@ Family detection and the config-from-shapes rules are checked on full-size layou
 import pytest
 import torch
 from safetensors.torch import save_file
-from test_pipeline_loading import check_sd, make_sd, make_sdxl
 
 import weights
 from flash import clip, unet, vae
-from weights import single_file
 from flash.io import CheckpointError
+from test_pipeline_loading import check_sd, make_sd, make_sdxl
+from weights import single_file
 
 # Config fields that shapes cannot show: heads and GroupNorm groups of the tiny models.
 TINY_OVERRIDES = {

@@ -20,13 +20,14 @@ from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, LCMScheduler,
                        StableDiffusionInpaintPipeline, T2IAdapter)
 
 import weights
+from flash.io import CheckpointError
 from flash.pipeline import generate
 from flash.unet import UNet2DConditionModel as FlashUNet
-from tests.test_pipeline import (H, PROMPTS, SD15_SCHEDULER, W, clip_tokenizer, maxdiff, randomize, tiny_clip,
-                                 tiny_unet, tiny_vae)
-from flash.io import CheckpointError
+from helpers import SD15_SCHEDULER, hf_clip_tokenizer, maxdiff, randomize, tiny_clip, tiny_unet, tiny_vae
 from weights.save import save_pipeline
 
+H, W = 32, 24                 # pixels, non-square; the tiny VAEs have f = 2
+PROMPTS = ["a photo of a cat", "A red BUS on the Moon, 2024!"]
 ACCEPT = 2 / 255
 SAMPLERS = {"ddim": (DDIMScheduler, 4, 7.5), "dpm++2m": (DPMSolverMultistepScheduler, 3, 5.0),
             "lcm": (LCMScheduler, 4, 0.0)}
@@ -62,7 +63,7 @@ def pipes(tmp_path_factory):
     """{task: (diffusers pipeline or None, our pipeline)}; ours loaded by weights.load_pipeline."""
     root = tmp_path_factory.mktemp("tasks")
     torch.manual_seed(0)
-    base = dict(vae=tiny_vae(1), text_encoder=tiny_clip(2, 16), tokenizer=clip_tokenizer())   # shared by all
+    base = dict(vae=tiny_vae(1), text_encoder=tiny_clip(2, 16, eos=49407), tokenizer=hf_clip_tokenizer())   # shared by all
     inpaint = diffusers_pipe(StableDiffusionInpaintPipeline, root / "inpaint", **base,
                              unet=tiny_unet(3, 16, attention_head_dim=2, in_channels=9))
     adapter = diffusers_pipe(StableDiffusionAdapterPipeline, root / "adapter", **base,

@@ -1,0 +1,112 @@
+"""What the test files share: the comparison, the perturbation that makes a mis-wired key show, and tiny random
+components built with the oracles (diffusers, transformers) over real tokenizers: the shipped CLIP vocabulary
+(weights/clip_vocab) and a small SentencePiece unigram model trained here for T5 (no T5 vocabulary exists
+offline). pytest finds this module through `pythonpath` in pyproject.toml."""
+import json
+import random
+import shutil
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5Tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+VOCAB = ROOT / "weights" / "clip_vocab"
+
+# The released SD1.5 scheduler_config.json: a PNDM config without timestep_spacing or clip_sample, so each
+# sampler takes those from its own diffusers class (Euler and DPM-Solver space "linspace", DDIM "leading").
+SD15_SCHEDULER = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
+                  "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
+                  "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
+                  "clip_sample": False}
+
+
+def maxdiff(a, b):
+    return (a - b).abs().max().item()
+
+
+def randomize(model, seed=0, scale=0.05):
+    """Perturb every parameter (norm weights, zero-initialised biases and convs too) with seeded noise, so that a
+    tensor loaded under the wrong name, or an input wired to the wrong place, changes the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------ tokenizers (oracle side)
+
+def hf_clip_tokenizer(pad="<|endoftext|>"):
+    """transformers' CLIPTokenizer over the shipped vocabulary; SD1.5 pads with the end token, SDXL's second
+    tokenizer (and SD2's) with "!"."""
+    return CLIPTokenizer(str(VOCAB / "vocab.json"), str(VOCAB / "merges.txt"), model_max_length=77, pad_token=pad)
+
+
+def make_corpus(path, seed=0):
+    """1,500 lines of prompt-like text: common words plus made-up ones, for training a small unigram model."""
+    rng = random.Random(seed)
+    words = ("a photo of cat dog red bus on the moon astronaut riding horse painting by van gogh city street at "
+             "night portrait woman man blue green cinematic lighting highly detailed").split()
+    words += ["".join(rng.choice("ka ri to na me so lu pi de gra stro ing ed er".split()) for _ in range(3))
+              for _ in range(200)]
+    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 10))) + rng.choice([".", "!", ""])
+             for _ in range(1500)]
+    path.write_text("\n".join(lines))
+
+
+def hf_t5_tokenizer(root):
+    """A 200-piece unigram model with T5's special ids (pad 0, eos 1, unk 2, no bos), trained here, saved as a
+    T5 tokenizer folder (root/t5_tokenizer) and loaded by transformers."""
+    import sentencepiece as spm     # a test-only dependency, needed by the T5 fixtures alone
+    make_corpus(root / "corpus.txt")
+    spm.SentencePieceTrainer.train(input=str(root / "corpus.txt"), model_prefix=str(root / "sp"), vocab_size=200,
+                                   model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                   character_coverage=1.0, minloglevel=2)
+    folder = root / "t5_tokenizer"
+    folder.mkdir()
+    shutil.copy(root / "sp.model", folder / "spiece.model")
+    specials = {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>",
+                "additional_special_tokens": [f"<extra_id_{i}>" for i in range(100)]}
+    (folder / "tokenizer_config.json").write_text(json.dumps(dict(specials, extra_ids=100, model_max_length=512,
+                                                                  tokenizer_class="T5Tokenizer")))
+    return T5Tokenizer.from_pretrained(folder)
+
+
+# ------------------------------------------------------------------------------ tiny oracle components
+
+def tiny_vae(seed, **kw):
+    """A 2-level AutoencoderKL (f = 2), 16 / 32 channels."""
+    return randomize(AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                                   up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
+                                   norm_num_groups=8, sample_size=16, **kw), seed)
+
+
+def tiny_clip(seed, hidden=32, layers=2, act="quick_gelu", projection=None, eos=2):
+    """A CLIP text tower over the real 49,408-token vocabulary (with a projection: SDXL's second encoder).
+    eos_token_id 2 is what the released SD configs say (legacy argmax pooling); 49407 is what newer ones say."""
+    cfg = CLIPTextConfig(vocab_size=49408, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=2, max_position_embeddings=77, hidden_act=act,
+                         projection_dim=projection or hidden, bos_token_id=49406, eos_token_id=eos, pad_token_id=49407)
+    return randomize((CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg), seed)
+
+
+def tiny_unet(seed, cross, **kw):
+    """A 2-level cross-attention UNet (16 / 32 channels, one layer per block)."""
+    return randomize(UNet2DConditionModel(
+        block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, sample_size=8, cross_attention_dim=cross,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), **kw), seed)
+
+
+def make_sd15(folder):
+    """An SD1.5-like diffusers pipeline saved to `folder`: one CLIP (last hidden state), conv projections, the
+    released PNDM scheduler config."""
+    pipe = StableDiffusionPipeline(vae=tiny_vae(1), text_encoder=tiny_clip(2, 16, eos=49407),
+                                   tokenizer=hf_clip_tokenizer(), unet=tiny_unet(3, 16, attention_head_dim=2),
+                                   scheduler=DDIMScheduler.from_config(SD15_SCHEDULER), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD15_SCHEDULER))
+    return pipe
