@@ -17,8 +17,9 @@ Limits and deviations:
   "highest" (PyTorch's default), in which case the dots are full IEEE fp32 (slower).
 - A query row whose keys are all masked returns zeros and zero gradients (PyTorch returns NaN there).
 - attn_bias is not fused: a call with a bias takes the PyTorch path on every device.
-Dispatch: CUDA tensors take the Triton kernels, everything else `F.scaled_dot_product_attention`;
-under `kernels.force_triton()` (tests, with TRITON_INTERPRET=1) CPU tensors take the kernels too.
+Dispatch: CUDA tensors take the Triton kernels, everything else `F.scaled_dot_product_attention`
+(see `attention` for why not the reference); under `kernels.force_triton()` (tests, with
+TRITON_INTERPRET=1) CPU tensors take the kernels too.
 """
 import math
 
@@ -377,4 +378,7 @@ def attention(q, k, v, key_padding_mask=None, is_causal=False, scale=None, attn_
                  and q.dtype == k.dtype == v.dtype and q.shape[-1] <= 256)
     if triton_ok and use_triton(q):
         return attention_triton(q, k, v, key_padding_mask, is_causal, scale)
+    # Not attention_ref: the ref is the spec, written for reading (fp32 scores of size (Lq, Lk) in
+    # memory, einsum speed, its own summation order); SDPA is PyTorch's fused op, the same one the
+    # upstream models call, so CPU outputs (the shipped demo's included) keep SDPA's bits.
     return _attention_sdpa(q, k, v, key_padding_mask, is_causal, scale, attn_bias)

@@ -13,7 +13,7 @@ partial sums (chunk, C) of dweight, dbias, dshift, dscale, reduced in PyTorch.
 Limits: rows up to 16384 elements in the kernel (wider ones, and shift/scale that vary per token,
 take the PyTorch path). dx = rstd * (dxh - mean(dxh) - x_hat * mean(dxh * x_hat)), dxh = dz * weight.
 Dispatch: CUDA tensors (or any, under `kernels.force_triton()`) take Triton, others PyTorch's ops
-in x's dtype.
+in x's dtype (see the public ops for why not the references).
 """
 import torch
 import torch.nn.functional as F
@@ -215,6 +215,10 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
     """Public op (F.layer_norm's argument order)."""
     if use_triton(x) and x.numel() and _normalized_size(x, normalized_shape) <= MAX_ROW:
         return layer_norm_triton(x, normalized_shape, weight, bias, eps)
+    # Not layer_norm_ref: F.layer_norm in x's dtype is nn.LayerNorm's computation, so CPU runs match the
+    # upstream models bit for bit in every dtype. For fp32 x it is the ref's computation, same bits
+    # (tests/test_kernels.py checks it); for 16-bit x PyTorch's CPU kernel can differ in the last bit
+    # from the ref's fp32 math rounded once.
     return F.layer_norm(x, normalized_shape, weight, bias, eps)
 
 
@@ -222,4 +226,7 @@ def layer_norm_modulated(x, shift, scale, weight=None, bias=None, eps=1e-6):
     """Public op: layer_norm(x) * (1 + scale) + shift with shift/scale broadcast over tokens."""
     if use_triton(x) and x.numel() and x.shape[-1] <= MAX_ROW and _modulation_ok(x, shift, scale):
         return layer_norm_modulated_triton(x, shift, scale, weight, bias, eps)
+    # Not layer_norm_modulated_ref: this is PixArt's (and DiT's `modulate`) composition in x's dtype, as
+    # the upstream model computes it. Same bits as the ref for fp32 operands (tests/test_kernels.py
+    # checks it); with 16-bit operands each op here rounds to x's dtype, the ref rounds once at the end.
     return F.layer_norm(x, x.shape[-1:], weight, bias, eps) * (1 + scale) + shift

@@ -163,6 +163,24 @@ def test_dispatch(monkeypatch):
     assert calls == [1, 1]  # the fixture's force_triton() holds again after the nested block
 
 
+def test_cpu_fallbacks_are_the_refs_in_fp32():
+    """The norms' CPU paths (PyTorch's ops in x's dtype, see their comments) give their references'
+    exact bits on fp32 inputs, the dtype of CPU runs (the shipped demo's included)."""
+    gn, ln, rms = MODULES["group_norm"], MODULES["layer_norm"], MODULES["rms_norm"]
+    rand = lambda *shape, scale=1.0, shift=0.0: _rand(*shape, device="cpu", dtype=torch.float32,  # noqa: E731
+                                                      scale=scale, shift=shift)
+    x4, x3 = rand(2, 64, 9, 11, scale=3.0, shift=1.0), rand(2, 7, 64, scale=2.0, shift=0.5)
+    w, b = rand(64, shift=1.0), rand(64)
+    with force_triton(False):
+        for wb in ((w, b), (None, None)):
+            for silu in (False, True):
+                assert torch.equal(group_norm(x4, 32, *wb, silu=silu), gn.group_norm_ref(x4, 32, *wb, silu=silu))
+            assert torch.equal(layer_norm(x3, (64,), *wb), ln.layer_norm_ref(x3, (64,), *wb))
+            for mod_shape in ((2, 1, 64), (1, 1, 64), (64,)):
+                sh, sc = rand(*mod_shape, scale=0.5), rand(*mod_shape, scale=0.5)
+                assert torch.equal(layer_norm_modulated(x3, sh, sc, *wb), ln.layer_norm_modulated_ref(x3, sh, sc, *wb))
+        assert torch.equal(rms_norm(x3, w), rms.rms_norm_ref(x3, w))
+
 
 # ----------------------------------------------------------------------------------------------- group norm
 
