@@ -189,31 +189,28 @@ def compile_only(arch):
               flush=True)
 
     JITFunction.run = aot_run
-    import importlib
-
     import kernels
-    for op in ("attention", "group_norm", "layer_norm", "rms_norm"):  # CPU tensors, Triton path
-        importlib.import_module(f"kernels.{op}").FORCE_TRITON = True
 
     def grads(out, inputs):
         leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
         torch.autograd.grad(out, leaves, torch.zeros_like(out))
 
-    for dt in (torch.float16, torch.bfloat16, torch.float32):
-        rnd = lambda *s: torch.zeros(*s, dtype=dt, requires_grad=True)  # noqa: E731
-        for d in (40, 64, 72, 80, 128, 160):
-            q, k = rnd(2, 2, 64, d), rnd(2, 2, 77, d)
-            grads(kernels.attention(q, k, k, torch.ones(2, 77, dtype=torch.bool)), (q, k))
-            if d == 64:
-                grads(kernels.attention(q, q, q, is_causal=True), (q,))
-        x, w = rnd(1, 64, 96, 96), rnd(64)  # 1024-wide tiles, rows split in two chunks
-        grads(kernels.group_norm(x, 32, w, w, silu=True), (x, w))
-        grads(kernels.group_norm(x[:, :, :9, :9], 4, None, None, silu=False), (x,))
-        x, w, sh = rnd(2, 7, 1152), rnd(1152), rnd(2, 1, 1152)
-        grads(kernels.layer_norm(x, (1152,), w, w), (x, w))
-        grads(kernels.layer_norm_modulated(x, sh, sh), (x, sh))
-        x = rnd(2, 7, 4096)
-        grads(kernels.rms_norm(x, rnd(4096)), (x,))
+    with kernels.force_triton():  # CPU tensors, Triton path
+        for dt in (torch.float16, torch.bfloat16, torch.float32):
+            rnd = lambda *s: torch.zeros(*s, dtype=dt, requires_grad=True)  # noqa: E731
+            for d in (40, 64, 72, 80, 128, 160):
+                q, k = rnd(2, 2, 64, d), rnd(2, 2, 77, d)
+                grads(kernels.attention(q, k, k, torch.ones(2, 77, dtype=torch.bool)), (q, k))
+                if d == 64:
+                    grads(kernels.attention(q, q, q, is_causal=True), (q,))
+            x, w = rnd(1, 64, 96, 96), rnd(64)  # 1024-wide tiles, rows split in two chunks
+            grads(kernels.group_norm(x, 32, w, w, silu=True), (x, w))
+            grads(kernels.group_norm(x[:, :, :9, :9], 4, None, None, silu=False), (x,))
+            x, w, sh = rnd(2, 7, 1152), rnd(1152), rnd(2, 1, 1152)
+            grads(kernels.layer_norm(x, (1152,), w, w), (x, w))
+            grads(kernels.layer_norm_modulated(x, sh, sh), (x, sh))
+            x = rnd(2, 7, 4096)
+            grads(kernels.rms_norm(x, rnd(4096)), (x,))
     print(f"{len(seen)} specialisations compiled for sm_{arch}; largest spill stack {worst['spills']} bytes")
     return 0
 

@@ -1,7 +1,9 @@
-"""Fused ops the models call. Each dispatches to a Triton kernel for CUDA tensors and to PyTorch elsewhere."""
+"""Fused ops the models call. Each dispatches to a Triton kernel for CUDA tensors (or any tensor under
+`force_triton()`) and to PyTorch elsewhere."""
 from kernels.attention import attention
 from kernels.group_norm import group_norm
+from kernels.launch import force_triton
 from kernels.layer_norm import layer_norm, layer_norm_modulated
 from kernels.rms_norm import rms_norm
 
-__all__ = ["attention", "group_norm", "layer_norm", "layer_norm_modulated", "rms_norm"]
+__all__ = ["attention", "force_triton", "group_norm", "layer_norm", "layer_norm_modulated", "rms_norm"]

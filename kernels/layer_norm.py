@@ -12,15 +12,15 @@ mean and rstd. Backward: programs over (batch, chunk of rows); each writes dx fo
 partial sums (chunk, C) of dweight, dbias, dshift, dscale, reduced in PyTorch.
 Limits: rows up to 16384 elements in the kernel (wider ones, and shift/scale that vary per token,
 take the PyTorch path). dx = rstd * (dxh - mean(dxh) - x_hat * mean(dxh * x_hat)), dxh = dz * weight.
-Dispatch: CUDA tensors take Triton, others F.layer_norm; `FORCE_TRITON = True` overrides.
+Dispatch: CUDA tensors (or any, under `kernels.force_triton()`) take Triton, others PyTorch's ops
+in x's dtype (see the public ops for why not the references).
 """
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-FORCE_TRITON = False  # run the Triton path on any device (tests set it under TRITON_INTERPRET=1)
-MAX_ROW = 16384
+from kernels.launch import MAX_ROW, block_size, num_warps, row_chunks, use_triton
 
 
 def layer_norm_ref(x, normalized_shape, weight=None, bias=None, eps=1e-5):
@@ -111,18 +111,6 @@ def _ln_bwd_kernel(X, DY, DX, W, B, SCALE, MEAN, RSTD, PART, L, C, ROWS_PER, s_s
 # Launchers and autograd.
 # ----------------------------------------------------------------------------------------------------
 
-def _warps(block_c):
-    return 4 if block_c <= 2048 else 8 if block_c <= 8192 else 16
-
-
-def _chunks(batch, rows, device):
-    """Chunks of rows per batch item for the backward: about four programs per SM in all."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
-    chunks = max(1, min(rows, triton.cdiv(4 * sms, batch)))
-    per = triton.cdiv(rows, chunks)
-    return triton.cdiv(rows, per), per
-
-
 def _sum_to(g, shape):
     """Reduce a broadcast gradient back to the operand's shape."""
     lead = g.dim() - len(shape)
@@ -140,7 +128,7 @@ class _LayerNorm(torch.autograd.Function):
         bsz = x.shape[0] if has_mod else 1
         x3 = x.contiguous().view(bsz, -1, c)
         rows = x3.shape[1]
-        block_c = triton.next_power_of_2(c)
+        block_c = block_size(c)
         y = torch.empty_like(x3)
         mean = torch.empty(bsz * rows, device=x.device, dtype=torch.float32)
         rstd = torch.empty_like(mean)
@@ -149,7 +137,7 @@ class _LayerNorm(torch.autograd.Function):
         _ln_fwd_kernel[(bsz * rows,)](
             x3, y, w, b, sh3, sc3, mean, rstd, rows, c, sh3.stride(0), sh3.stride(2), sc3.stride(0), sc3.stride(2),
             eps, HAS_W=weight is not None, HAS_B=bias is not None, HAS_MOD=has_mod, BLOCK_C=block_c,
-            num_warps=_warps(block_c))
+            num_warps=num_warps(block_c))
         ctx.save_for_backward(x3, weight, bias, shift, scale, mean, rstd)
         ctx.x_shape, ctx.has_mod = x.shape, has_mod
         return y.view(x.shape)
@@ -159,8 +147,8 @@ class _LayerNorm(torch.autograd.Function):
         x3, weight, bias, shift, scale, mean, rstd = ctx.saved_tensors
         bsz, rows, c = x3.shape
         dy = dy.contiguous().view(x3.shape)
-        block_c = triton.next_power_of_2(c)
-        chunks, per = _chunks(bsz, rows, x3.device)
+        block_c = block_size(c)
+        chunks, per = row_chunks(rows, x3.device, bsz)
         part = torch.empty(bsz, chunks, 4, c, device=x3.device, dtype=torch.float32)
         dx = torch.empty_like(x3)
         sc3 = _rows_view(scale, ctx.x_shape, x3.shape) if ctx.has_mod else x3
@@ -168,7 +156,7 @@ class _LayerNorm(torch.autograd.Function):
         _ln_bwd_kernel[(bsz, chunks)](
             x3, dy, dx, w, b, sc3, mean, rstd, part, rows, c, per, sc3.stride(0), sc3.stride(2),
             HAS_W=weight is not None, HAS_B=bias is not None, HAS_MOD=ctx.has_mod, BLOCK_C=block_c,
-            num_warps=_warps(block_c))
+            num_warps=num_warps(block_c))
         need = ctx.needs_input_grad
         sums = part.sum(1)  # (B, 4, C)
         dw = sums[:, 0].sum(0).to(weight.dtype).view(weight.shape) if weight is not None and need[1] else None
@@ -225,14 +213,20 @@ def layer_norm_modulated_triton(x, shift, scale, weight=None, bias=None, eps=1e-
 
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
     """Public op (F.layer_norm's argument order)."""
-    if (x.is_cuda or FORCE_TRITON) and x.numel() and _normalized_size(x, normalized_shape) <= MAX_ROW:
+    if use_triton(x) and x.numel() and _normalized_size(x, normalized_shape) <= MAX_ROW:
         return layer_norm_triton(x, normalized_shape, weight, bias, eps)
+    # Not layer_norm_ref: F.layer_norm in x's dtype is nn.LayerNorm's computation, so CPU runs match the
+    # upstream models bit for bit in every dtype. For fp32 x it is the ref's computation, same bits
+    # (tests/test_kernels.py checks it); for 16-bit x PyTorch's CPU kernel can differ in the last bit
+    # from the ref's fp32 math rounded once.
     return F.layer_norm(x, normalized_shape, weight, bias, eps)
 
 
 def layer_norm_modulated(x, shift, scale, weight=None, bias=None, eps=1e-6):
     """Public op: layer_norm(x) * (1 + scale) + shift with shift/scale broadcast over tokens."""
-    if ((x.is_cuda or FORCE_TRITON) and x.numel() and x.shape[-1] <= MAX_ROW
-            and _modulation_ok(x, shift, scale)):
+    if use_triton(x) and x.numel() and x.shape[-1] <= MAX_ROW and _modulation_ok(x, shift, scale):
         return layer_norm_modulated_triton(x, shift, scale, weight, bias, eps)
+    # Not layer_norm_modulated_ref: this is PixArt's (and DiT's `modulate`) composition in x's dtype, as
+    # the upstream model computes it. Same bits as the ref for fp32 operands (tests/test_kernels.py
+    # checks it); with 16-bit operands each op here rounds to x's dtype, the ref rounds once at the end.
     return F.layer_norm(x, x.shape[-1:], weight, bias, eps) * (1 + scale) + shift

@@ -9,14 +9,13 @@ Kernels: forward one program per row (saves rstd); backward programs over chunks
 writing dx and an fp32 partial dweight row, summed in PyTorch. With y = x * rstd and dy_hat = dout * w,
 dx = rstd * (dy_hat - y * mean(dy_hat * y)), dweight = sum_rows(dout * cast(y)) (the cast passes the
 gradient straight through, as autograd does).
-Dispatch: CUDA tensors take Triton, others the reference; `FORCE_TRITON = True` overrides.
+Dispatch: CUDA tensors (or any, under `kernels.force_triton()`) take Triton, others `rms_norm_ref`.
 """
 import torch
 import triton
 import triton.language as tl
 
-FORCE_TRITON = False  # run the Triton path on any device (tests set it under TRITON_INTERPRET=1)
-MAX_ROW = 16384
+from kernels.launch import MAX_ROW, block_size, num_warps, row_chunks, use_triton
 
 
 def rms_norm_ref(x, weight, eps=1e-6):
@@ -60,19 +59,15 @@ def _rms_bwd_kernel(X, W, DY, DX, RSTD, DW_PART, R, C, ROWS_PER, BLOCK_C: tl.con
     tl.store(DW_PART + chunk.to(tl.int64) * C + cols, acc_dw, mask=ok)
 
 
-def _warps(block_c):
-    return 4 if block_c <= 2048 else 8 if block_c <= 8192 else 16
-
-
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
         c = x.shape[-1]
         x2 = x.contiguous().view(-1, c)
-        rows, block_c = x2.shape[0], triton.next_power_of_2(c)
+        rows, block_c = x2.shape[0], block_size(c)
         y = torch.empty(x2.shape, device=x.device, dtype=weight.dtype)
         rstd = torch.empty(rows, device=x.device, dtype=torch.float32)
-        _rms_fwd_kernel[(rows,)](x2, weight, y, rstd, c, eps, BLOCK_C=block_c, num_warps=_warps(block_c))
+        _rms_fwd_kernel[(rows,)](x2, weight, y, rstd, c, eps, BLOCK_C=block_c, num_warps=num_warps(block_c))
         ctx.save_for_backward(x2, weight, rstd)
         ctx.x_shape = x.shape
         return y.view(x.shape)
@@ -82,14 +77,12 @@ class _RMSNorm(torch.autograd.Function):
         x2, weight, rstd = ctx.saved_tensors
         rows, c = x2.shape
         dout = dout.contiguous().view(rows, c)
-        block_c = triton.next_power_of_2(c)
-        sms = torch.cuda.get_device_properties(x2.device).multi_processor_count if x2.is_cuda else 2
-        per = triton.cdiv(rows, max(1, min(rows, 4 * sms)))
-        chunks = triton.cdiv(rows, per)
+        block_c = block_size(c)
+        chunks, per = row_chunks(rows, x2.device)
         dx = torch.empty_like(x2)
         part = torch.empty(chunks, c, device=x2.device, dtype=torch.float32)
         _rms_bwd_kernel[(chunks,)](x2, weight, dout, dx, rstd, part, rows, c, per, BLOCK_C=block_c,
-                                   num_warps=_warps(block_c))
+                                   num_warps=num_warps(block_c))
         dw = part.sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
         return dx.view(ctx.x_shape), dw, None
 
@@ -104,6 +97,6 @@ def rms_norm_triton(x, weight, eps=1e-6):
 
 def rms_norm(x, weight, eps=1e-6):
     """Public op: T5LayerNorm.forward as a function."""
-    if (x.is_cuda or FORCE_TRITON) and x.numel() and x.shape[-1] <= MAX_ROW:
+    if use_triton(x) and x.numel() and x.shape[-1] <= MAX_ROW:
         return rms_norm_triton(x, weight, eps)
     return rms_norm_ref(x, weight, eps)

@@ -31,18 +31,19 @@ FP32_ONLY = [CASES[0], CASES[2]]
 
 OPS = ("attention", "group_norm", "layer_norm", "rms_norm")
 MODULES = {op: importlib.import_module(f"kernels.{op}") for op in OPS}  # `kernels.attention` is the function
-from kernels import attention, group_norm, layer_norm, layer_norm_modulated, rms_norm  # noqa: E402
+from kernels import (attention, force_triton, group_norm, layer_norm, layer_norm_modulated,  # noqa: E402
+                     rms_norm)
 
 
 @pytest.fixture(autouse=True)
-def _triton_everywhere(monkeypatch, request):
+def _triton_everywhere(request):
     """Route the public ops to Triton on CPU tensors too (the interpreter runs them)."""
     params = getattr(request.node, "callspec", None)
     device = params.params.get("device") if params else None
     if device == "cpu" and not INTERPRETED:
         pytest.skip("CPU runs of the kernels need TRITON_INTERPRET=1")
-    for mod in MODULES.values():
-        monkeypatch.setattr(mod, "FORCE_TRITON", True)
+    with force_triton():
+        yield
 
 
 def _check(ours, ref, inputs, grad_of, dtype):
@@ -134,7 +135,7 @@ def test_attention_rows_without_keys(device, dtype):
 
 
 def test_dispatch(monkeypatch):
-    """CPU tensors take PyTorch unless FORCE_TRITON; a bias always takes PyTorch."""
+    """CPU tensors take PyTorch unless under force_triton(); a bias always takes PyTorch."""
     attn = MODULES["attention"]
     q = torch.randn(1, 2, 8, 16)
     calls = []
@@ -143,23 +144,42 @@ def test_dispatch(monkeypatch):
     assert calls == [1]
     attention(q, q, q, attn_bias=torch.zeros(1, 2, 8, 8))
     assert calls == [1]
-    monkeypatch.setattr(attn, "FORCE_TRITON", False)
-    out = attention(q, q, q)
-    assert calls == [1]
-    torch.testing.assert_close(out, attn.attention_ref(q, q, q))
-    gn = MODULES["group_norm"]
-    monkeypatch.setattr(gn, "FORCE_TRITON", False)
-    monkeypatch.setattr(gn, "group_norm_triton", None)  # would raise if called
-    x = torch.randn(1, 8, 3, 3)
-    torch.testing.assert_close(group_norm(x, 4, silu=True), gn.group_norm_ref(x, 4, silu=True))
-    ln, rms = MODULES["layer_norm"], MODULES["rms_norm"]
-    for mod, name in ((ln, "_LayerNorm"), (rms, "_RMSNorm")):
-        monkeypatch.setattr(mod, "FORCE_TRITON", False)
-        monkeypatch.setattr(mod, name, None)
-    x, s = torch.randn(2, 5, 8), torch.randn(2, 1, 8)
-    torch.testing.assert_close(layer_norm(x, (8,)), ln.layer_norm_ref(x, (8,)))
-    torch.testing.assert_close(layer_norm_modulated(x, s, s), ln.layer_norm_modulated_ref(x, s, s))
-    torch.testing.assert_close(rms_norm(x, s[0, 0]), rms.rms_norm_ref(x, s[0, 0]))
+    with force_triton(False):
+        out = attention(q, q, q)
+        assert calls == [1]
+        torch.testing.assert_close(out, attn.attention_ref(q, q, q))
+        gn = MODULES["group_norm"]
+        monkeypatch.setattr(gn, "group_norm_triton", None)  # would raise if called
+        x = torch.randn(1, 8, 3, 3)
+        torch.testing.assert_close(group_norm(x, 4, silu=True), gn.group_norm_ref(x, 4, silu=True))
+        ln, rms = MODULES["layer_norm"], MODULES["rms_norm"]
+        for mod, name in ((ln, "_LayerNorm"), (rms, "_RMSNorm")):
+            monkeypatch.setattr(mod, name, None)
+        x, s = torch.randn(2, 5, 8), torch.randn(2, 1, 8)
+        torch.testing.assert_close(layer_norm(x, (8,)), ln.layer_norm_ref(x, (8,)))
+        torch.testing.assert_close(layer_norm_modulated(x, s, s), ln.layer_norm_modulated_ref(x, s, s))
+        torch.testing.assert_close(rms_norm(x, s[0, 0]), rms.rms_norm_ref(x, s[0, 0]))
+    attention(q, q, q)
+    assert calls == [1, 1]  # the fixture's force_triton() holds again after the nested block
+
+
+def test_cpu_fallbacks_are_the_refs_in_fp32():
+    """The norms' CPU paths (PyTorch's ops in x's dtype, see their comments) give their references'
+    exact bits on fp32 inputs, the dtype of CPU runs (the shipped demo's included)."""
+    gn, ln, rms = MODULES["group_norm"], MODULES["layer_norm"], MODULES["rms_norm"]
+    rand = lambda *shape, scale=1.0, shift=0.0: _rand(*shape, device="cpu", dtype=torch.float32,  # noqa: E731
+                                                      scale=scale, shift=shift)
+    x4, x3 = rand(2, 64, 9, 11, scale=3.0, shift=1.0), rand(2, 7, 64, scale=2.0, shift=0.5)
+    w, b = rand(64, shift=1.0), rand(64)
+    with force_triton(False):
+        for wb in ((w, b), (None, None)):
+            for silu in (False, True):
+                assert torch.equal(group_norm(x4, 32, *wb, silu=silu), gn.group_norm_ref(x4, 32, *wb, silu=silu))
+            assert torch.equal(layer_norm(x3, (64,), *wb), ln.layer_norm_ref(x3, (64,), *wb))
+            for mod_shape in ((2, 1, 64), (1, 1, 64), (64,)):
+                sh, sc = rand(*mod_shape, scale=0.5), rand(*mod_shape, scale=0.5)
+                assert torch.equal(layer_norm_modulated(x3, sh, sc, *wb), ln.layer_norm_modulated_ref(x3, sh, sc, *wb))
+        assert torch.equal(rms_norm(x3, w), rms.rms_norm_ref(x3, w))
 
 
 # ----------------------------------------------------------------------------------------------- group norm
