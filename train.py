@@ -437,8 +437,8 @@ def resume(path, args, m, opts, d):
     if m.head is not None:
         tensors["discriminator.safetensors"] = m.head.state_dict()
     state = load_checkpoint(path, tensors, opts, d.device)
-    changed = [k for k, v in state["config"].items() if k not in ("steps", "resume", "sample_every",
-               "checkpoint_every", "sample_prompts") and json.dumps(v) != json.dumps(getattr(args, k, None))]
+    changed = [k for k, v in state["config"].items() if k not in ("steps", "resume", "sample_every", "checkpoint_every",
+               "sample_prompts") and hasattr(args, k) and json.dumps(v) != json.dumps(getattr(args, k))]
     if changed and d.rank == 0:
         print(f"train.py: warning: resuming with changed settings: {', '.join(changed)}", file=sys.stderr)
     return state["step"], state["nonfinite_streak"]
