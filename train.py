@@ -1,77 +1,60 @@
 """Train a denoiser: Flash Diffusion distillation (`--objective flash`) or plain denoising training and
-fine-tuning (`--objective diffusion`, e.g. the digits teacher); or the pipeline's autoencoder (`--objective
-vae`, the first stage of recipes/digits.sh). One process or `torchrun --nproc_per_node=N` (flash, diffusion):
+fine-tuning (`--objective diffusion`, e.g. the digits teacher). One process or `torchrun --nproc_per_node=N`:
 
     torchrun --nproc_per_node=2 train.py --model PIPELINE --data FOLDER|digits --out runs/x [options]
 
 Paper: Chadebec et al., "Flash Diffusion" (arXiv 2406.02347); docs/method.md has every number and the
-algorithm; the losses are pure functions in flash/losses.py. Design choices and deviations from the
-authors' reference code:
+algorithm, flash/losses.py the losses as pure functions. This file reads top to bottom: config, data, models,
+the Flash step, the loop. Design choices and deviations from the authors' reference code:
 - ONE copy of the base weights: the student is the denoiser plus a LoRA adapter, the teacher the same module
   inside `lora_disabled`, the DMD fake score the student itself (no grad, no CFG), the discriminator the
   teacher's mid-block features plus a trainable head. The reference deep-copies the model; here only
   --full-finetune does (the teacher is then a frozen copy).
-- No DDP wrapper: in one step the same module is student (with grad), teacher, fake score and a frozen
-  feature extractor that gradients flow through, while DDP hooks every backward reaching its parameters and
-  expects one forward per backward. The trainable gradients are instead averaged by an explicit all-reduce
-  after the accumulation micro-batches (what DDP + no_sync computes), from weights broadcast by rank 0.
-- Randomness is a function of (seed, step) and (seed, sample position), never a carried stream. The grid
-  index and guidance scales come from (seed, step), shared by all ranks (one index per batch); per-sample
-  draws (VAE posterior, x_t noise, DMD / GAN taus and noises, caption dropout, Digits' random captions) from
-  (seed, position), position s*G + r*accum*b + m*b + j for sample j of micro-batch m on rank r at step s.
-  So N ranks x batch b equals one process x batch N*b or accumulation, and --resume redraws exactly.
+- No DDP wrapper, an explicit gradient all-reduce instead (flash/distributed.py says why). Every random draw
+  is a function of (seed, step) or (seed, sample position) (flash/seeds.py), so N ranks x batch b equals
+  one process x batch N*b or accumulation, and --resume (flash/checkpoint.py) continues bit-exactly.
 - The phase counter counts batches and is saved (the reference counted forward calls, and forgot it on
   resume). DMD / GAN re-noising uses the true tau; --reference-quirks restores the reference's t=30 noise
   and, for PixArt, its discriminator on the model output instead of the middle block.
-- Tasks beyond text-to-image (flash/tasks.py) come with the pipeline (`pipe.task`): an inpainting or
-  super-resolution UNet gets its image condition (`concat`: a random box mask + the masked-image latent, or
-  the latent of the image downsampled 2x or 4x and bicubic-upsampled back), an adapter pipeline the T2I-Adapter
-  features of the image's edge map. The condition goes to every call of both CFG branches (teacher, student,
-  DMD, discriminator); only the text is dropped. `--objective diffusion` on an adapter pipeline trains the
-  adapter alone, the UNet frozen (as T2I-Adapter is trained); `--objective flash` keeps the adapter frozen.
-- `--objective vae` is a short separate loop (section 9): one process, no resume; it ends by writing the
-  latent scaling_factor = 1 / std of the encoded training latents into the saved VAE config.
-- Test hooks, env FLASH_TRAIN_FAULT: "kill-step:N" (SIGKILL in step N), "kill-write:N" (while writing the
-  checkpoint taken after N steps), "kill-swap:N" (between the renames publishing it), "nan:N,M" (NaN losses).
+- Tasks beyond text-to-image come with the pipeline (flash/tasks.py): the image condition goes to both CFG
+  branches of every call, only the text is dropped (flash/conditioning.py). `--objective diffusion` on an
+  adapter pipeline trains the adapter alone (as T2I-Adapter is trained); `--objective flash` keeps it frozen.
+The pipeline's autoencoder is trained by recipes/train_vae.py.
 """
 import argparse
 import copy
 import functools
-import hashlib
 import json
 import math
-import os
-import shutil
-import signal
 import sys
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.distributed as tdist
 import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
+from flash.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from flash import preview
 from flash.cli import Parser
-from flash.data import DIGITS_FILE, Digits, ImageCaptionFolder
+from flash.conditioning import cond_map, encode_text, image_condition, with_image_condition
+from flash.data import DIGITS_FILE, load_batch, training_set
+from flash.distributed import average_gradients, barrier, broadcast, cleanup, setup_distributed, stop_signals
 from flash.lora import DEFAULT_TARGETS, PIXART_TARGETS, inject_lora, lora_disabled, mark_only_lora_trainable, save_lora
 from flash.losses import (DEFAULTS, DiscriminatorHead, Phase, discriminator_loss, distillation_loss, dmd_loss,
                           dmd_renoise_timesteps, gan_timesteps, generator_loss, mixture_pmf, noisy_latent, phase_at,
                           renoise, sample_grid_index, student_output, teacher_target)
-from flash.pipeline import ENCODERS, denoiser_kwargs, encode_prompt, generate
 from flash.schedule import SCHEDULES, NoiseSchedule, cfg, timesteps
-from flash.tasks import (UPSCALE_FACTORS, downsample, edge_map, encode, extra_channels, inpaint_condition,
-                         random_masks, task_inputs, upsample)
-from weights import CheckpointError, load_pipeline, read_safetensors, write_safetensors
+from flash.seeds import SAMPLE, STEP, generator
+from flash.tasks import UPSCALE_FACTORS, extra_channels, random_masks
+from weights import load_pipeline
 from weights.save import save_component, save_pipeline
 
 # ----------------------------------------------------------------------------------------------------
-# 1. Config and command line
+# 1. Config
 
-# LoRA rank, alpha, targets of the released adapters (method.md, LoRA); the rest per backbone: losses.DEFAULTS.
+# LoRA rank, alpha, targets of the released adapters (docs/method.md, "LoRA"); the rest per backbone: losses.DEFAULTS.
 LORA_DEFAULTS = {"sd15": (128, 128.0, DEFAULT_TARGETS), "sdxl": (64, 64.0, DEFAULT_TARGETS),
                  "pixart": (64, 8.0, PIXART_TARGETS)}
 TERMS = ("distill", "dmd", "gen", "disc", "diffusion")
@@ -87,12 +70,12 @@ def parse_args(argv=None):
     a("--model", required=True, help="pipeline folder (SD1.5, SDXL, PixArt) or single-file checkpoint")
     a("--data", required=True, help="folder of images with .txt captions (or captions.jsonl), or 'digits'")
     a("--out", default="runs/train", help="log.jsonl, checkpoint-last/, samples/, final/")
-    a("--objective", choices=("flash", "diffusion", "vae"), default="flash")
+    a("--objective", choices=("flash", "diffusion"), default="flash")
     a("--resolution", type=int, help="image side (default: the denoiser's sample_size x VAE factor)")
     a("--steps", type=int, default=10000, help="optimiser steps (batches)")
     a("--batch-size", type=int, default=4, help="per rank and per micro-batch")
     a("--grad-accum", type=int, default=1, help="micro-batches per optimiser step")
-    a("--lr", type=float, help="default 1e-5 (flash, method.md) or 1e-4 (diffusion)")
+    a("--lr", type=float, help="default 1e-5 (flash, docs/method.md) or 1e-4 (diffusion)")
     a("--disc-lr", type=float, help="discriminator head learning rate (default: --lr)")
     a("--weight-decay", type=float, default=0.01)
     a("--clip-grad", type=float, default=0.0, help="max student gradient norm (0: off, as the reference)")
@@ -100,7 +83,7 @@ def parse_args(argv=None):
     a("--full-finetune", action=argparse.BooleanOptionalAction, default=None,
       help="train every weight (teacher = frozen copy); default: LoRA for flash, full for diffusion")
     a("--lora-rank", type=int), a("--lora-alpha", type=float)
-    a("--lora-targets", nargs="+", help="module name suffixes (default per family, method.md)")
+    a("--lora-targets", nargs="+", help="module name suffixes (default per family, docs/method.md)")
     a("--K", type=int, help="teacher grid size (32 SD/SDXL, 16 PixArt)")
     a("--guidance", type=float, nargs=2, metavar=("MIN", "MAX"), help="teacher guidance range U[MIN, MAX]")
     a("--phase-len", type=int, help="batches per phase (2500; 5000 PixArt)")
@@ -114,7 +97,6 @@ def parse_args(argv=None):
     a("--caption-dropout", type=float, default=0.1, help="diffusion objective: P(unconditional)")
     a("--train-text-encoder", action="store_true",
       help="diffusion objective, SD-style pipelines: fine-tune the text encoder too (not kept by --resume)")
-    a("--kl-weight", type=float, default=1e-4, help="vae objective: weight of the per-element KL term")
     a("--precision", choices=("auto", "fp32"), default="auto", help="auto: bf16 autocast on GPU")
     a("--gradient-checkpointing", action="store_true")
     a("--checkpoint-every", type=int, default=500)
@@ -122,7 +104,6 @@ def parse_args(argv=None):
     a("--sample-prompts", nargs="+", help="prompts of the sample grid (default: 4 captions from the data)")
     a("--resume", nargs="?", const="auto", help="continue from OUT/checkpoint-last (or the given checkpoint)")
     a("--max-nonfinite", type=int, default=10, help="stop after this many non-finite steps in a row")
-    a("--check-sync", action="store_true", help="log a hash of every rank's weights each step (tests)")
     args = p.parse_args(argv)
 
     def check(ok, message):
@@ -168,63 +149,7 @@ def resolve_defaults(args, family):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 2. Distributed set-up: torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR / PORT (multi-node too)
-
-
-@dataclass
-class Dist:
-    rank: int
-    world: int
-    device: torch.device
-
-    def mean(self, tensor):
-        if self.world > 1:
-            tdist.all_reduce(tensor)
-            tensor /= self.world
-        return tensor
-
-
-def setup_distributed():
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    cuda = torch.cuda.is_available()
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if world > 1:
-        tdist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
-    return Dist(rank, world, device)
-
-
-def average_gradients(params, d, bucket=1 << 25):
-    """What DDP does, once per optimiser step: .grad = mean over ranks, in flat buckets of up to 32M values
-    (so a full fine-tune never concatenates all its gradients at once)."""
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    chunks = []
-    for p in params:
-        if not chunks or sum(q.numel() for q in chunks[-1]) + p.numel() > bucket:
-            chunks.append([])
-        chunks[-1].append(p)
-    for chunk in chunks if d.world > 1 else []:
-        flat = d.mean(torch.cat([p.grad.reshape(-1) for p in chunk]))
-        for p, g in zip(chunk, flat.split([p.numel() for p in chunk])):
-            p.grad.copy_(g.view_as(p))
-
-
-# ----------------------------------------------------------------------------------------------------
-# 3. Randomness and data
-
-STEP, SAMPLE, EPOCH, ITEM, GRID = range(1, 6)      # stream tags mixed into the seeds
-
-
-def seed_for(*keys):
-    """A 64-bit seed from integer keys; numpy's SeedSequence hashes them, so nearby keys give unrelated streams."""
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0])
-
-
-def generator(*keys):
-    return torch.Generator().manual_seed(seed_for(*keys))
+# 2. Data: the random draws of a step and of each sample (the sample stream: flash/data.py)
 
 
 def step_draws(args, step, phase):
@@ -261,33 +186,8 @@ def sample_draws(args, positions, latent_shape, device):
     return draws
 
 
-@functools.lru_cache(maxsize=2)
-def epoch_order(n, seed, epoch):
-    return torch.randperm(n, generator=generator(seed, EPOCH, epoch))
-
-
-def load_batch(dataset, seed, positions):
-    """The samples at these stream positions: position p is entry p mod N of epoch p // N's permutation, and
-    the dataset's own random draws (Digits' captions, from torch's global RNG) are seeded by p as well."""
-    images, captions = [], []
-    for pos in positions:
-        epoch, k = divmod(pos, len(dataset))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed_for(seed, ITEM, pos))
-            image, caption = dataset[int(epoch_order(len(dataset), seed, epoch)[k])]
-        images.append(image)
-        captions.append(caption)
-    return torch.stack(images), captions
-
-
-def build_dataset(args):
-    if args.data == "digits":       # its own 10% empty captions off: caption dropout is the trainer's job
-        return Digits("train", size=args.resolution, empty_prob=0.0)
-    return ImageCaptionFolder(args.data, size=args.resolution)
-
-
 # ----------------------------------------------------------------------------------------------------
-# 4. Models
+# 3. Models
 
 
 @dataclass
@@ -305,11 +205,20 @@ class Models:
     uncond: dict = None                  # the unconditional conditioning, batch 1
     head: torch.nn.Module = None         # the discriminator head (flash objective)
     text_trainable: bool = False         # --train-text-encoder
-    task: str = "text-to-image"          # flash.tasks.TASKS, from the pipeline
     adapter_trainable: bool = False      # diffusion objective on an adapter pipeline: train the adapter only
 
     def teacher_mode(self):
         return lora_disabled(self.denoiser) if self.lora else nullcontext()
+
+    @contextmanager
+    def teacher_in_pipeline(self):
+        """The teacher as the pipeline's denoiser (to sample from it): the adapter off, or the frozen copy."""
+        setattr(self.pipe, self.component, self.teacher)
+        try:
+            with self.teacher_mode():
+                yield
+        finally:
+            setattr(self.pipe, self.component, self.denoiser)
 
     @property
     def trained(self):
@@ -320,55 +229,6 @@ class Models:
     def trained_component(self):
         """The pipeline folder the trained module is saved as when it is not a LoRA."""
         return "adapter" if self.adapter_trainable else self.component
-
-
-IMAGE_KEYS = ("concat", "adapter_residuals")      # the image condition inside a conditioning dict
-
-
-def cond_map(fn, *conds):
-    """fn over the matching tensors of conditioning dicts {context, context_mask, added_cond: {...},
-    concat, adapter_residuals: [...]}."""
-    if isinstance(conds[0], dict):
-        return {k: cond_map(fn, *(c[k] for c in conds)) for k in conds[0]}
-    if isinstance(conds[0], (list, tuple)):
-        return [cond_map(fn, *parts) for parts in zip(*conds)]
-    return None if conds[0] is None else fn(*conds)
-
-
-def with_image_condition(uncond, cond):
-    """The unconditional branch: the text of `uncond` (expanded to the batch), the image condition of `cond`
-    (method.md, Tasks: the condition is present in both CFG branches)."""
-    n = cond["context"].shape[0]
-    text = cond_map(lambda u: u.expand(n, *u.shape[1:]), uncond)
-    return {**text, **{k: cond[k] for k in IMAGE_KEYS if k in cond}}
-
-
-def image_condition(m, images, draws):
-    """The task's image condition for a batch of training images in [-1, 1] (flash/tasks.py)."""
-    if m.task == "inpaint":
-        return {"concat": inpaint_condition(m.pipe.vae, images.float(), draws["mask"], draws["mask_noise"])}
-    if m.task == "upscale":
-        size = images.shape[-1]
-        # each image at its own factor, bicubic-upsampled back, then one batched encode
-        up = torch.cat([upsample(downsample(img[None].float(), int(f)), size)
-                        for img, f in zip(images, draws["factor"])])
-        return {"concat": encode(m.pipe.vae, up)}
-    if m.task == "adapter":
-        with torch.set_grad_enabled(m.adapter_trainable and torch.is_grad_enabled()):
-            return {"adapter_residuals": m.pipe.adapter(edge_map(images))}
-    return {}
-
-
-def encode_text(m, prompts, resolution, unconditional=False):
-    """Prompts -> the denoiser's keyword arguments, by the family's recipe (flash.pipeline: SD's CLIP states,
-    SDXL's two CLIPs + pooled + size ids, PixArt's T5 + mask). Unconditional: the family's own, "" for SD1.5
-    and PixArt, zeros for SDXL (method.md, step 1)."""
-    if m.text_trainable:        # with grad (encode_prompt runs without); SD's unconditional text is ""
-        c = ENCODERS[m.pipe.family](m.pipe, [""] * len(prompts) if unconditional else list(prompts))
-    else:
-        cond, uncond = encode_prompt(m.pipe, list(prompts), guidance=unconditional)
-        c = uncond if unconditional else cond
-    return {"context": c.context, **denoiser_kwargs(m.pipe, c, resolution, resolution)}
 
 
 def predict(model, x, t, cond):
@@ -385,7 +245,7 @@ def teacher_pair(m, x, t, cond, uncond):
 
 
 def features(m, x, t, cond):
-    """Discriminator features: the frozen teacher's mid-block output (method.md, Roles). The generator loss
+    """Discriminator features: the frozen teacher's mid-block output (docs/method.md, "Roles"). The generator loss
     backpropagates through this call after `lora_disabled` has exited, so checkpointing is off here: a block
     recomputed in the backward pass would run with the adapter on (torch.utils.checkpoint refuses it)."""
     ckpt, m.teacher.gradient_checkpointing = m.teacher.gradient_checkpointing, False
@@ -435,24 +295,23 @@ def build_models(args, device):
         teacher = denoiser
     if args.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
-    component = "transformer" if pipe.family == "pixart" else "unet"
-    m = Models(pipe, denoiser, teacher, schedule, timesteps(schedule, args.K, "trailing"), phases,
-               not (args.full_finetune or adapter_trainable),
-               (vae.config.latent_channels, args.resolution // f, args.resolution // f),
-               component, args.reference_quirks and pipe.family == "pixart", task=pipe.task,
-               adapter_trainable=adapter_trainable)
+    m = Models(pipe=pipe, denoiser=denoiser, teacher=teacher, schedule=schedule, phases=phases,
+               grid=timesteps(schedule, args.K, "trailing"), lora=not (args.full_finetune or adapter_trainable),
+               latent_shape=(vae.config.latent_channels, args.resolution // f, args.resolution // f),
+               component="transformer" if pipe.family == "pixart" else "unet",
+               dit_output_features=args.reference_quirks and pipe.family == "pixart",
+               adapter_trainable=adapter_trainable, text_trainable=args.train_text_encoder)
     if args.train_text_encoder:
         if pipe.family not in ("sd15", "sd2"):
             raise ValueError(f"--train-text-encoder: only for SD1.5 / SD2-style pipelines, not {pipe.family}")
         pipe.text_encoders[0].requires_grad_(True)
-        m.text_trainable = True
-    m.uncond = encode_text(m, [""], args.resolution, unconditional=True)
+    m.uncond = encode_text(m.pipe, [""], args.resolution, unconditional=True, trainable=m.text_trainable)
     if args.objective == "flash":     # one probe of the feature map sizes the head
         blank = torch.zeros(1, 3, args.resolution, args.resolution, device=device)
         probe = {"mask": torch.ones_like(blank[:, :1]), "mask_noise": torch.zeros(1, *m.latent_shape, device=device),
                  "factor": torch.tensor([UPSCALE_FACTORS[0]])}
         with torch.no_grad():
-            cond = {**m.uncond, **image_condition(m, blank, probe)}
+            cond = {**m.uncond, **image_condition(m.pipe, blank, probe)}
             feats = features(m, torch.zeros(1, *m.latent_shape, device=device), 999, cond)
         native = {"sd15": (1280, 8, 8), "sdxl": (1280, 32, 32)}.get(pipe.family)
         preset = pipe.family if native == tuple(feats.shape[1:]) else None
@@ -461,7 +320,8 @@ def build_models(args, device):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 5. One micro-batch of each objective -> ({term: value}, student loss, discriminator loss or None)
+# 4. The Flash step: docs/method.md, "One training step", on one micro-batch
+#    -> ({term: value}, student loss, discriminator loss or None); the diffusion objective beside it
 
 
 def encode_images(m, images, noise):
@@ -472,17 +332,22 @@ def encode_images(m, images, noise):
 
 
 def flash_micro_batch(m, args, images, cond, draws, i, w, w_dmd, phase):
-    """method.md, "One training step", steps 1 to 7."""
+    """Steps 1 and 3 to 7 (step 2, the phase and the grid index i shared by the batch, is the loop's)."""
+    # 1. The latent z (the text and image conditioning `cond` are the caller's); the unconditional branch.
     uncond = with_image_condition(m.uncond, cond)
-    z = encode_images(m, images, draws["vae"])                                   # step 1
+    z = encode_images(m, images, draws["vae"])
+    # 3. x_t at t = grid[i]: pure noise at t = 999, else the forward process.
     t = int(m.grid[i])
-    x_t = noisy_latent(z, draws["eps"], i, m.grid, m.schedule)                    # step 3
-    out = student_output(x_t, predict(m.denoiser, x_t, t, cond), t, m.schedule)  # step 4
+    x_t = noisy_latent(z, draws["eps"], i, m.grid, m.schedule)
+    # 4. The student's one-step prediction in the LCM boundary form.
+    out = student_output(x_t, predict(m.denoiser, x_t, t, cond), t, m.schedule)
+    # 5. The teacher target: DPM-Solver++ with CFG w over the rest of the grid, without grad.
     target = teacher_target(lambda x, s: teacher_pair(m, x, s, cond, uncond), x_t, i, m.grid, m.schedule, w)
-    terms = {"distill": distillation_loss(out, target, args.distill_loss)}      # steps 5, 6
+    # 6. The losses, weighted by the phase, summed into the student loss (7): distillation, ...
+    terms = {"distill": distillation_loss(out, target, args.distill_loss)}
     loss = phase.distill * terms["distill"]
     again = dict(schedule=m.schedule, grid=m.grid, noise_at_true_tau=args.noise_at_true_tau)
-    if phase.dmd > 0:          # DMD, the student as fake score (computed only when it counts)
+    if phase.dmd > 0:          # ... DMD, the student as fake score (computed only when it counts), ...
         tau = draws["dmd_tau"]
         x_tau = renoise(out.detach(), draws["dmd_noise"], tau, **again)
         eps_real = cfg(*teacher_pair(m, x_tau, tau, cond, uncond), w_dmd)
@@ -491,8 +356,8 @@ def flash_micro_batch(m, args, images, cond, draws, i, w, w_dmd, phase):
         terms["dmd"] = dmd_loss(out, m.schedule.pred_x0(x_tau, eps_real.float(), tau),
                                 m.schedule.pred_x0(x_tau, eps_fake.float(), tau))
         loss = loss + phase.dmd * terms["dmd"]
-    # Adversarial: one noise re-noises the student output (fake) and the data latent (real). The fake features
-    # are computed once per batch, with grad only when the generator loss counts (not in the warm-up).
+    # ... adversarial: one noise re-noises the student output (fake) and the data latent (real). The fake
+    # features are computed once per batch, with grad only when the generator loss counts (not in the warm-up).
     tau, n = draws["gan_tau"], draws["gan_noise"]
     m.head.requires_grad_(False)       # the generator loss trains the student, not the head
     with torch.set_grad_enabled(phase.adv > 0):
@@ -501,16 +366,18 @@ def flash_micro_batch(m, args, images, cond, draws, i, w, w_dmd, phase):
     m.head.requires_grad_(True)
     if phase.adv > 0:
         loss = loss + phase.adv * terms["gen"]
+    # 7. The discriminator loss, stepped by its own optimiser.
     with torch.no_grad():
         f_real = features(m, renoise(z, n, tau, **again), tau, cond)
-    terms["disc"] = discriminator_loss(m.head(f_real), m.head(f_fake.detach()), args.gan_loss)   # step 7
+    terms["disc"] = discriminator_loss(m.head(f_real), m.head(f_fake.detach()), args.gan_loss)
     return terms, loss, terms["disc"]
 
 
 def diffusion_micro_batch(m, args, images, cond, draws):
     """DDPM's simple loss mse(model(x_t, t, c), eps) (v for v-prediction models), t ~ U{0..999}; captions
     replaced by the unconditional conditioning with probability --caption-dropout, so that CFG works."""
-    uncond = encode_text(m, [""], args.resolution, unconditional=True) if m.text_trainable else m.uncond
+    uncond = encode_text(m.pipe, [""], args.resolution, unconditional=True, trainable=True) if m.text_trainable \
+        else m.uncond
     uncond = with_image_condition(uncond, cond)
     keep = draws["keep"]
     cond = cond_map(lambda c, u: torch.where(keep.view(-1, *[1] * (c.ndim - 1)), c, u), cond, uncond)
@@ -523,7 +390,7 @@ def diffusion_micro_batch(m, args, images, cond, draws):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 6. Optimisers, checkpoints and resume
+# 5. Optimisers, checkpoints (flash/checkpoint.py) and resume
 
 
 def trainable(m):
@@ -543,12 +410,6 @@ def build_optimizers(args, m):
     return opts
 
 
-def fault(kind, step):
-    """Test hook (FLASH_TRAIN_FAULT, see the top of the file): is `kind` armed at `step`?"""
-    name, _, steps = os.environ.get("FLASH_TRAIN_FAULT", "").partition(":")
-    return name == kind and str(step) in steps.split(",")
-
-
 def save_snapshot(m, folder):
     """What sample.py and diffusers load: the LoRA (diffusers format; PixArt also PEFT, as released) or the
     fine-tuned denoiser as a component folder (config.json + diffusion_pytorch_model.safetensors)."""
@@ -560,144 +421,123 @@ def save_snapshot(m, folder):
     save_component(m.trained, m.trained_component, folder)
 
 
-def save_checkpoint(args, m, opts, step, streak):
-    """OUT/checkpoint-last/: the snapshot plus the resume state (exact trainable tensors, head, optimisers, RNG
-    states, step, phase, config). Written into a temporary folder, then published by two renames: a kill at
-    any moment leaves the new or the previous checkpoint complete (checkpoint-old between the renames)."""
-    out = Path(args.out)
-    tmp, last, old = out / ".checkpoint-tmp", out / "checkpoint-last", out / "checkpoint-old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_snapshot(m, tmp)
-    if m.lora:      # raw adapter tensors: the diffusers file folds alpha / rank into B, not bit-exact
-        write_safetensors(trainable(m), tmp / "trainable.safetensors")
-    if fault("kill-write", step):
-        os.kill(os.getpid(), signal.SIGKILL)
+def save(args, m, opts, step, streak):
+    """OUT/checkpoint-last/: the snapshot, the exact tensors, optimisers and RNG states, step, phase, config."""
+    tensors = {"trainable.safetensors": trainable(m)} if m.lora else {}   # exact (the LoRA file folds alpha/rank)
     if m.head is not None:
-        write_safetensors(m.head.state_dict(), tmp / "discriminator.safetensors")
-    # Nothing in the loop draws from the global generators (see the top); their states are kept anyway.
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    torch.save({"optimizers": {k: o.state_dict() for k, o in opts.items()}, "rng": rng}, tmp / "resume.pt")
+        tensors["discriminator.safetensors"] = m.head.state_dict()
     state = {"step": step, "phase": phase_at(step, args.phase_len), "nonfinite_streak": streak, "config": vars(args)}
-    (tmp / "state.json").write_text(json.dumps(state, indent=2))
-    for f in tmp.rglob("*"):            # on disk before it is published (power loss, not only a kill)
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    if last.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(last, old)
-    if fault("kill-swap", step):
-        os.kill(os.getpid(), signal.SIGKILL)
-    os.replace(tmp, last)
-    shutil.rmtree(old, ignore_errors=True)
+    save_checkpoint(args.out, functools.partial(save_snapshot, m), tensors, opts, state)
 
 
-def find_checkpoint(args):
-    path = Path(args.out) / "checkpoint-last" if args.resume == "auto" else Path(args.resume)
-    if args.resume == "auto" and not path.is_dir():
-        path = path.parent / "checkpoint-old"       # the run was killed between the two renames of a save
-    if not (path / "state.json").is_file():
-        where = path if args.resume != "auto" else path.parent / "checkpoint-last"
-        raise ValueError(f"--resume: no checkpoint in {where}")
-    return path
-
-
-def load_checkpoint(path, args, m, opts, device):
-    """Restore a resume state; returns (next step, non-finite streak)."""
-    state = json.loads((path / "state.json").read_text())
-    changed = [k for k, v in state["config"].items() if k not in ("steps", "resume", "sample_every",
-               "checkpoint_every", "sample_prompts") and json.dumps(v) != json.dumps(getattr(args, k, None))]
-    if changed and int(os.environ.get("RANK", 0)) == 0:
-        print(f"train.py: warning: resuming with changed settings: {', '.join(changed)}", file=sys.stderr)
-    weights_file = f"{m.trained_component}/diffusion_pytorch_model.safetensors"
-    source = path / ("trainable.safetensors" if m.lora else weights_file)
-    tensors, params = read_safetensors(source), trainable(m)
-    if set(tensors) != set(params):
-        raise CheckpointError(f"{source}: its tensors are not this model's trainable parameters (other --lora-* ?)")
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(tensors[n])
+def resume(path, args, m, opts, d):
+    """Restore a checkpoint in place; returns (next step, non-finite streak)."""
+    weights = "trainable.safetensors" if m.lora else f"{m.trained_component}/diffusion_pytorch_model.safetensors"
+    tensors = {weights: trainable(m)}       # a full fine-tune's snapshot is its exact fp32 weights
     if m.head is not None:
-        m.head.load_state_dict(read_safetensors(path / "discriminator.safetensors"))
-    resume = torch.load(path / "resume.pt", map_location=device, weights_only=True)
-    for k, o in opts.items():
-        o.load_state_dict(resume["optimizers"][k])
-    torch.set_rng_state(resume["rng"]["torch"].cpu())
-    if "cuda" in resume["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state(resume["rng"]["cuda"].cpu())
+        tensors["discriminator.safetensors"] = m.head.state_dict()
+    state = load_checkpoint(path, tensors, opts, d.device)
+    changed = [k for k, v in state["config"].items() if k not in ("steps", "resume", "sample_every", "checkpoint_every",
+               "sample_prompts") and hasattr(args, k) and json.dumps(v) != json.dumps(getattr(args, k))]
+    if changed and d.rank == 0:
+        print(f"train.py: warning: resuming with changed settings: {', '.join(changed)}", file=sys.stderr)
     return state["step"], state["nonfinite_streak"]
 
 
-def export_final(args, m):
-    """OUT/final/: the LoRA, or after a full fine-tune a whole pipeline folder with the new denoiser, usable
-    as --model (e.g. as the teacher of a distillation)."""
-    final = Path(args.out) / "final"
-    if m.lora:
-        save_snapshot(m, final)
-    else:
-        save_pipeline(m.pipe, final)
-
-
 # ----------------------------------------------------------------------------------------------------
-# 7. Sample grid: the student at 1, 2 and 4 steps beside the teacher (flash), or the model with / without CFG
+# 6. Sample grid: the student at 1, 2 and 4 steps beside the teacher (flash), or the model with / without CFG
 
 
-def sample_grid(args, m, batch, step):
-    """A row per sample of `batch` (images, captions); columns: [the task's input,] then the student at
-    1, 2, 4 steps and the teacher at 25 (flash), or the model with / without CFG (diffusion)."""
-    images, prompts = batch
-    task_kw, shown = task_inputs(m.task, images.to(m.pipe.device), generator(args.seed, GRID))
-    g_mid = sum(args.guidance) / 2
-    if args.objective == "flash":      # the student without CFG (method.md, Inference), the teacher with it
-        cols = [(False, "flash", s, 0.0) for s in (1, 2, 4)] + [(True, "dpm++2m", 25, g_mid)]
+def sample_grid(args, m, images, prompts, step):
+    """OUT/samples/step-N.png, a row per prompt; the student without CFG (docs/method.md, "Inference")."""
+    g_mid, student = sum(args.guidance) / 2, nullcontext
+    if args.objective == "flash":
+        cols = [(student, "flash", s, 0.0) for s in (1, 2, 4)] + [(m.teacher_in_pipeline, "dpm++2m", 25, g_mid)]
     else:
-        cols = [(False, "dpm++2m", 25, g_mid), (False, "dpm++2m", 25, 0.0)]
-    columns = [] if shown is None else [shown.cpu()]
-    for teacher, sampler, steps, guidance in cols:
-        if teacher and not m.lora:
-            setattr(m.pipe, m.component, m.teacher)
-        try:
-            with m.teacher_mode() if teacher else nullcontext():
-                columns.append(generate(m.pipe, prompts, steps=steps, sampler=sampler, guidance=guidance,
-                                       height=args.resolution, width=args.resolution, progress=False,
-                                       generator=generator(args.seed, GRID), **task_kw).cpu())  # same noise
-        finally:
-            setattr(m.pipe, m.component, m.denoiser)
-    grid = torch.cat([torch.cat([col[r] for col in columns], dim=2) for r in range(len(prompts))], dim=1)
+        cols = [(student, "dpm++2m", 25, g_mid), (student, "dpm++2m", 25, 0.0)]
     path = Path(args.out) / "samples" / f"step-{step:07d}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray((grid.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)).save(path)
+    preview.sample_grid(m.pipe, images, prompts, cols, args.resolution, args.seed, path)
 
 
 # ----------------------------------------------------------------------------------------------------
-# 8. The loop
+# 7. The loop
 
 
-def setup(args, d):
-    """Models, optimisers, resume state and data: where whatever the user can get wrong shows up."""
-    torch.manual_seed(args.seed)        # the same adapter / head init on every rank (broadcast anyway below)
-    checkpoint = find_checkpoint(args) if args.resume else None
-    m = build_models(args, d.device)
-    opts = build_optimizers(args, m)
-    start, streak = load_checkpoint(checkpoint, args, m, opts, d.device) if checkpoint else (0, 0)
-    return m, opts, start, streak, build_dataset(args)
+def accumulate(args, m, d, dataset, step, phase, i, w, w_dmd):
+    """This rank's micro-batches of `step` (the sample stream, flash/data.py): gradients accumulated in .grad,
+    the loss terms averaged into a vector (TERMS, student loss, a slot for the stop flag); and the terms."""
+    amp = torch.autocast("cuda", torch.bfloat16) if d.device.type == "cuda" and args.precision == "auto" \
+        else nullcontext()
+    sums = torch.zeros(len(TERMS) + 2, dtype=torch.float64)
+    for micro in range(args.grad_accum):
+        first = ((step * d.world + d.rank) * args.grad_accum + micro) * args.batch_size
+        positions = range(first, first + args.batch_size)
+        images, captions = load_batch(dataset, args.seed, positions)
+        images = images.to(d.device)
+        draws = sample_draws(args, positions, m.latent_shape, d.device)
+        with amp:
+            cond = {**encode_text(m.pipe, captions, args.resolution, trainable=m.text_trainable),
+                    **image_condition(m.pipe, images, draws, m.adapter_trainable)}
+            if args.objective == "flash":
+                terms, loss, disc = flash_micro_batch(m, args, images, cond, draws, i, w, w_dmd, phase)
+            else:
+                terms, loss, disc = diffusion_micro_batch(m, args, images, cond, draws)
+        (loss / args.grad_accum).backward()
+        if disc is not None:
+            (disc / args.grad_accum).backward()
+        for k, v in terms.items():
+            sums[TERMS.index(k)] += v.item() / args.grad_accum
+        sums[len(TERMS)] += loss.item() / args.grad_accum
+    return sums, terms
+
+
+def optimizer_step(args, d, opts, student_params, head_params, sums):
+    """All-reduce the gradients and the loss sums, then the student and discriminator steps, both skipped if
+    any loss or gradient is not finite. Returns (the sums averaged over ranks, finite)."""
+    average_gradients(student_params, d)
+    average_gradients(head_params, d)
+    stats = d.mean(sums.to(d.device)).cpu()
+    finite = bool(stats.isfinite().all()) and all(bool(p.grad.isfinite().all()) for p in student_params + head_params)
+    if finite:
+        if args.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(student_params, args.clip_grad)
+        for o in opts.values():
+            o.step()
+    for o in opts.values():
+        o.zero_grad(set_to_none=True)
+    return stats, finite
+
+
+def log_record(args, m, d, step, phase, i, w, w_dmd, stats, terms, finite):
+    """One log.jsonl line: every loss term, the phase and the draws (non-finite values as null)."""
+    record = {"step": step, "lr": args.lr, "loss": stats[len(TERMS)].item(),
+              **{k: stats[j].item() for j, k in enumerate(TERMS) if k in terms},
+              "images": (step + 1) * args.batch_size * args.grad_accum * d.world}
+    if args.objective == "flash":
+        record.update(phase=phase_at(step, args.phase_len), phase_name=phase.name, i=i, t=int(m.grid[i]), w=w,
+                      w_dmd=w_dmd, loss_weights=[phase.distill, phase.dmd, phase.adv])
+    record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+    if not finite:
+        record["skipped"] = "non-finite loss or gradient"
+    return record
 
 
 def train(args):
     d = setup_distributed()
-    try:
-        m, opts, start, streak, dataset = setup(args, d)
+    try:        # models, optimisers, resume state and data: where whatever the user can get wrong shows up
+        torch.manual_seed(args.seed)        # the same adapter / head init on every rank (broadcast anyway below)
+        checkpoint = find_checkpoint(args.out, args.resume) if args.resume else None
+        m = build_models(args, d.device)
+        opts = build_optimizers(args, m)
+        start, streak = resume(checkpoint, args, m, opts, d) if checkpoint else (0, 0)
+        dataset = training_set(args.data, args.resolution)
     except (ValueError, OSError) as e:       # bad input (CheckpointError is a ValueError): one line, no traceback
         if d.rank == 0:
             print(f"train.py: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     student_params = list(trainable(m).values()) + text_params(m)
     head_params = list(m.head.parameters()) if m.head is not None else []
-    for p in student_params + head_params if d.world > 1 else []:
-        tdist.broadcast(p.data, src=0)
+    broadcast(student_params + head_params, d)
     out, prompts, log = Path(args.out), args.sample_prompts, None
     if d.rank == 0:     # the log of a resumed run continues where its checkpoint stopped
         out.mkdir(parents=True, exist_ok=True)
@@ -705,177 +545,55 @@ def train(args):
         log = open(out / "log.jsonl", "w")
         log.writelines(line + "\n" for line in old if json.loads(line)["step"] < start)
         (out / "config.json").write_text(json.dumps(vars(args), indent=2))
-    stop = []
-
-    def on_signal(signum, frame):      # finish the step, save, exit; a second signal kills at once
-        stop.append(signum)
-        signal.signal(signum, signal.SIG_DFL)
-    for s in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(s, on_signal)
-    cuda_bf16 = d.device.type == "cuda" and args.precision == "auto"
-    amp = torch.autocast("cuda", torch.bfloat16) if cuda_bf16 else nullcontext()
+    stop = stop_signals()       # SIGTERM / SIGINT: finish the step, save, exit
     bar = tqdm(total=args.steps, initial=start, disable=d.rank != 0, dynamic_ncols=True)
 
     for step in range(start, args.steps):
+        # 2. The phase, and the draws every rank shares: grid index i, guidance scales (docs/method.md).
         phase = m.phases[phase_at(step, args.phase_len)]
         i, w, w_dmd = step_draws(args, step, phase) if args.objective == "flash" else (None, None, None)
-        sums = torch.zeros(len(TERMS) + 2, dtype=torch.float64)     # terms, student loss, stop flag
-        # -- student and discriminator gradients, accumulated over the micro-batches
-        for micro in range(args.grad_accum):
-            first = ((step * d.world + d.rank) * args.grad_accum + micro) * args.batch_size
-            positions = range(first, first + args.batch_size)
-            images, captions = load_batch(dataset, args.seed, positions)
-            images = images.to(d.device)
-            draws = sample_draws(args, positions, m.latent_shape, d.device)
-            with amp:
-                cond = {**encode_text(m, captions, args.resolution), **image_condition(m, images, draws)}
-                if args.objective == "flash":
-                    terms, loss, disc = flash_micro_batch(m, args, images, cond, draws, i, w, w_dmd, phase)
-                else:
-                    terms, loss, disc = diffusion_micro_batch(m, args, images, cond, draws)
-            if fault("nan", step):
-                loss = loss * math.nan
-            (loss / args.grad_accum).backward()
-            if disc is not None:
-                (disc / args.grad_accum).backward()
-            for k, v in terms.items():
-                sums[TERMS.index(k)] += v.item() / args.grad_accum
-            sums[len(TERMS)] += loss.item() / args.grad_accum
-        if fault("kill-step", step):
-            os.kill(os.getpid(), signal.SIGKILL)
-        # -- all-reduce, then the student step and the discriminator step (skipped if anything is not finite)
-        average_gradients(student_params, d)
-        average_gradients(head_params, d)
-        sums[-1] = float(bool(stop))
-        stats = d.mean(sums.to(d.device)).cpu()        # losses averaged over ranks; any rank's signal stops all
-        finite = bool(stats.isfinite().all()) and all(bool(p.grad.isfinite().all())
-                                                      for p in student_params + head_params)
-        if finite:
-            if args.clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_(student_params, args.clip_grad)
-            for o in opts.values():
-                o.step()
+        # 1, 3-7 on every micro-batch, then the optimiser steps (skipped if anything is not finite).
+        sums, terms = accumulate(args, m, d, dataset, step, phase, i, w, w_dmd)
+        sums[-1] = float(bool(stop))            # any rank's signal stops all
+        stats, finite = optimizer_step(args, d, opts, student_params, head_params, sums)
         streak = 0 if finite else streak + 1
-        for o in opts.values():
-            o.zero_grad(set_to_none=True)
-        # -- log: every loss term, the phase and the draws (non-finite values as null)
-        record = {"step": step, "lr": args.lr, "loss": stats[len(TERMS)].item(),
-                  **{k: stats[j].item() for j, k in enumerate(TERMS) if k in terms},
-                  "images": (step + 1) * args.batch_size * args.grad_accum * d.world}
-        if args.objective == "flash":
-            record.update(phase=phase_at(step, args.phase_len), phase_name=phase.name, i=i, t=int(m.grid[i]), w=w,
-                          w_dmd=w_dmd, loss_weights=[phase.distill, phase.dmd, phase.adv])
-        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-        if not finite:
-            record["skipped"] = "non-finite loss or gradient"
-        if args.check_sync:         # a hash of this rank's trainable weights, gathered from every rank
-            h = hashlib.sha256(b"".join(p.detach().cpu().view(torch.uint8).numpy().tobytes()
-                                        for p in student_params + head_params))
-            mine = torch.tensor([int.from_bytes(h.digest()[:7], "little")], device=d.device)
-            hashes = [mine.clone() for _ in range(d.world)]
-            if d.world > 1:
-                tdist.all_gather(hashes, mine)
-            record["rank_hashes"] = [int(h) for h in hashes]
+        record = log_record(args, m, d, step, phase, i, w, w_dmd, stats, terms, finite)
         if log is not None:
             log.write(json.dumps(record) + "\n")
             log.flush()
             bar.set_postfix({k: f"{record[k]:.4g}" for k in TERMS if record.get(k) is not None}, refresh=False)
             bar.update(1)
-        # -- checkpoint, sample grid, stop
+        # Checkpoint, sample grid, stop.
         stopping, done = stats[-1].item() > 0, step + 1 == args.steps
         if d.rank == 0 and ((step + 1) % args.checkpoint_every == 0 or stopping or done
                             or streak >= args.max_nonfinite):
-            save_checkpoint(args, m, opts, step + 1, streak)
+            save(args, m, opts, step + 1, streak)
         if streak >= args.max_nonfinite:
-            if d.world > 1:
-                tdist.barrier()         # leave together, after rank 0 has saved
+            barrier(d)          # leave together, after rank 0 has saved
             raise SystemExit(f"train.py: stopping at step {step}: {streak} steps in a row had a non-finite loss or "
                              f"gradient; the last finite weights are in {out}/checkpoint-last (lower --lr? bad data?)")
         if d.rank == 0 and args.sample_every and ((step + 1) % args.sample_every == 0 or done):
             images, captions = load_batch(dataset, args.seed, range(len(prompts) if prompts else min(4, len(dataset))))
-            sample_grid(args, m, (images, prompts or captions), step + 1)
+            sample_grid(args, m, images, prompts or captions, step + 1)
         if stopping:
             if d.rank == 0:
                 print(f"\ntrain.py: stop signal: checkpoint saved after step {step + 1} in {out}/checkpoint-last",
                       file=sys.stderr)
             break
-    else:
-        if d.rank == 0:
-            export_final(args, m)
-    # -- cleanup
+    else:       # OUT/final/: the LoRA, or after a full fine-tune a pipeline folder usable as --model (a teacher)
+        if d.rank == 0 and m.lora:
+            save_snapshot(m, out / "final")
+        elif d.rank == 0:
+            save_pipeline(m.pipe, out / "final")
+    # Cleanup.
     bar.close()
     if log is not None:
         log.close()
-    if d.world > 1:
-        tdist.barrier()
-        tdist.destroy_process_group()
-
-
-# ----------------------------------------------------------------------------------------------------
-# 9. The autoencoder objective (recipes/digits.sh, stage 1): VAE weights only, then the latent scale
-
-
-def vae_loss(vae, images, noise, kl_weight):
-    """L1 + L2 reconstruction of a posterior sample plus kl_weight * KL(q(z|x) || N(0, I)), all per-element
-    means. LDM's VAEs add LPIPS and a patch GAN; on 32x32 digits plain pixel losses give sharp enough
-    strokes, and a weak KL keeps the latent smooth without blurring the reconstructions."""
-    post = vae.encode(images)
-    recon = vae.decode(post.mean + post.std * noise)
-    l1, l2 = (recon - images).abs().mean(), F.mse_loss(recon, images)
-    kl = 0.5 * (post.mean ** 2 + post.std ** 2 - 1 - post.logvar).mean()
-    return {"l1": l1, "l2": l2, "kl": kl}, l1 + l2 + kl_weight * kl, recon
-
-
-@torch.no_grad()
-def latent_scale(vae, dataset, seed, count=2000, batch=250):
-    """1 / std of posterior samples of `count` training images: the scaling_factor that gives the diffusion
-    model unit-variance latents (how SD's 0.18215 was found)."""
-    zs = []
-    for first in range(0, min(count, len(dataset)), batch):
-        images, _ = load_batch(dataset, seed, range(first, first + batch))
-        zs.append(vae.encode(images).sample(generator(seed, GRID, first)))
-    return 1.0 / torch.cat(zs).float().std().item()
-
-
-def train_vae(args):
-    """Train the pipeline's AutoencoderKL on the data, then save the pipeline with the new VAE and scale."""
-    pipe = load_pipeline(args.model)
-    args.resolution, args.lr = args.resolution or pipe.default_size, args.lr or 1e-3
-    vae, dataset, out = pipe.vae.float().train().requires_grad_(True), build_dataset(args), Path(args.out)
-    opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(vars(args), indent=2))
-    with open(out / "log.jsonl", "w") as log:
-        for step in tqdm(range(args.steps), dynamic_ncols=True):
-            images, _ = load_batch(dataset, args.seed, range(step * args.batch_size, (step + 1) * args.batch_size))
-            f = pipe.vae_scale_factor
-            noise = torch.randn((len(images), vae.config.latent_channels, args.resolution // f,
-                                 args.resolution // f), generator=generator(args.seed, SAMPLE, step))
-            terms, loss, recon = vae_loss(vae, images, noise, args.kl_weight)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if args.clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_(vae.parameters(), args.clip_grad)
-            opt.step()
-            log.write(json.dumps({"step": step, "lr": args.lr, "loss": loss.item(),
-                                  **{k: v.item() for k, v in terms.items()}}) + "\n")
-    vae.eval().requires_grad_(False)
-    vae.config.scaling_factor = latent_scale(vae, dataset, args.seed)
-    print(f"train.py: vae scaling_factor = {vae.config.scaling_factor:.5f}", file=sys.stderr)
-    pairs = torch.cat([images[:8], recon[:8].detach().clamp(-1, 1)], dim=2)      # originals over reconstructions
-    grid = (torch.cat(list(pairs), dim=2).permute(1, 2, 0).numpy() + 1) * 127.5
-    (out / "samples").mkdir(exist_ok=True)
-    Image.fromarray(grid.round().astype(np.uint8)).save(out / "samples" / f"step-{args.steps:07d}.png")
-    save_pipeline(pipe, out / "final")
-
-
-# ----------------------------------------------------------------------------------------------------
-# 10. Main
+    cleanup(d)
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    train_vae(args) if args.objective == "vae" else train(args)
+    train(parse_args(argv))
 
 
 if __name__ == "__main__":

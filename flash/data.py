@@ -9,7 +9,13 @@
   last 50 of each class), upscaled from 28x28 to 32x32 RGB so the pipeline has the standard SD shape.
   Captions come from the label through varied templates, and about 10% are empty, so the model learns
   the unconditional branch that classifier-free guidance needs.
+- The sample stream a training run reads (`load_batch`): position p of an endless stream is entry p mod N
+  of epoch p // N's permutation of the N examples, both seeded (flash/seeds.py), so any position can be
+  read again without replaying the ones before it. train.py gives sample j of micro-batch m on rank r at
+  step s the position s*R*A*b + r*A*b + m*b + j (R ranks, A micro-batches of b): R ranks x b, one process
+  x R*b and accumulation read the same samples.
 """
+import functools
 import gzip
 import io
 import json
@@ -23,6 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from flash.seeds import EPOCH, ITEM, generator, seed_for
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 DIGITS_FILE = Path(__file__).resolve().parent.parent / "data" / "mnist_5k.csv.gz"
@@ -131,6 +139,33 @@ class Digits(torch.utils.data.Dataset):
         # Drawn from torch's global RNG, so a seeded training run (and each DataLoader worker) is reproducible.
         rng = random.Random(int(torch.randint(2**62, ())))
         return self.images[i], caption_for(label, rng, self.empty_prob)
+
+
+def training_set(data, size):
+    """--data of the training scripts: a captioned image folder, or "digits" (the training split) without its
+    own 10% empty captions: caption dropout is the trainer's job."""
+    if data == "digits":
+        return Digits("train", size=size, empty_prob=0.0)
+    return ImageCaptionFolder(data, size=size)
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_order(n, seed, epoch):
+    return torch.randperm(n, generator=generator(seed, EPOCH, epoch))
+
+
+def load_batch(dataset, seed, positions):
+    """The samples at these stream positions: position p is entry p mod N of epoch p // N's permutation, and
+    the dataset's own random draws (Digits' captions, from torch's global RNG) are seeded by p as well."""
+    images, captions = [], []
+    for pos in positions:
+        epoch, k = divmod(pos, len(dataset))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed_for(seed, ITEM, pos))
+            image, caption = dataset[int(epoch_order(len(dataset), seed, epoch)[k])]
+        images.append(image)
+        captions.append(caption)
+    return torch.stack(images), captions
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@
 #
 # Stages (each reads the previous stage's output folder under $RUN):
 #   init     recipes/digits_init.py: the random-init SD-layout pipeline (VAE f=4, tiny CLIP, small UNet)
-#   vae      train.py --objective vae: L1 + L2 + 1e-4 KL autoencoder, then scaling_factor = 1 / latent std
+#   vae      recipes/train_vae.py: L1 + L2 + 1e-4 KL autoencoder, then scaling_factor = 1 / latent std
 #   teacher  train.py --objective diffusion: full fine-tune of the UNet (VAE and text encoder frozen), eps loss,
 #            10% caption dropout for CFG
 #   teacher2 the same, continued with --train-text-encoder: with the random frozen text encoder the digit word
@@ -71,7 +71,7 @@ stage() {   # stage NAME COMMAND...: run it, append its wall time to $RUN/times.
 for s in "${STAGES[@]}"; do
   case $s in
     init) stage init $PY recipes/digits_init.py --out "$RUN/init" --seed 0 ;;
-    vae) stage vae $PY train.py --objective vae --model "$RUN/init" --data digits --out "$RUN/vae" \
+    vae) stage vae $PY recipes/train_vae.py --model "$RUN/init" --data digits --out "$RUN/vae" \
            --steps $VAE_STEPS --batch-size $BATCH --lr 1e-3 --kl-weight 1e-4 ;;
     teacher) stage teacher $PY train.py --objective diffusion --model "$RUN/vae/final" --data digits \
            --out "$RUN/teacher" --steps $TEACHER_STEPS --batch-size $BATCH --lr 4e-4 --clip-grad 1 \

@@ -1,6 +1,6 @@
 """The shipped default (weights/digits/, built by recipes/digits.sh) and the recipe's own pieces.
 
-- `train.py --objective vae`: its KL term equals torch.distributions' KL; a short run trains the VAE only and
+- `recipes/train_vae.py`: its KL term equals torch.distributions' KL; a short run trains the VAE only and
   writes scaling_factor = 1 / std of the encoded latents into the saved config (diffusers reads it back).
 - The shipped student: 100 images at 4 Flash steps (the eval.py protocol: caption_for(i % 10), seeds 0..99),
   prompt accuracy of the shipped digit classifier above a floor set a bit below the measured value (README).
@@ -21,8 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from train_helpers import ROOT, make_images, make_tiny_sd  # noqa: E402
 
-sys.path.insert(0, str(ROOT))
-import train  # noqa: E402
+sys.path.insert(0, str(ROOT / "recipes"))
+import train_vae  # noqa: E402
 
 SHIPPED = ROOT / "weights" / "digits"
 LORA = SHIPPED / "flash_lora.safetensors"
@@ -35,7 +35,7 @@ shipped = pytest.mark.skipif(not LORA.is_file(), reason="weights/digits not buil
 def test_vae_kl_term_is_the_gaussian_kl():
     vae = make_vae()
     x = torch.rand(3, 3, 16, 16) * 2 - 1
-    terms, loss, recon = train.vae_loss(vae, x, torch.zeros(3, 4, 8, 8), kl_weight=0.5)
+    terms, loss, recon = train_vae.vae_loss(vae, x, torch.zeros(3, 4, 8, 8), kl_weight=0.5)
     post = vae.encode(x)
     q = torch.distributions.Normal(post.mean, post.std)
     ref = torch.distributions.kl_divergence(q, torch.distributions.Normal(0.0, 1.0)).mean()
@@ -54,11 +54,12 @@ def make_vae():
 
 def test_vae_objective_trains_the_vae_and_sets_the_latent_scale(tmp_path):
     from diffusers import AutoencoderKL
+    from flash.data import training_set
     from weights import load_pipeline
     pipe_dir, data = make_tiny_sd(tmp_path / "pipe"), make_images(tmp_path / "data", n=8)
     out = tmp_path / "run"
-    train.main(["--objective", "vae", "--model", str(pipe_dir), "--data", str(data), "--out", str(out),
-                "--steps", "6", "--batch-size", "4", "--lr", "1e-3", "--kl-weight", "1e-3"])
+    train_vae.main(["--model", str(pipe_dir), "--data", str(data), "--out", str(out),
+                    "--steps", "6", "--batch-size", "4", "--lr", "1e-3", "--kl-weight", "1e-3"])
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert len(log) == 6 and all({"l1", "l2", "kl", "loss"} <= set(r) for r in log)
     assert log[-1]["l1"] < log[0]["l1"]                       # it learns (8 images, 6 steps at 1e-3)
@@ -68,7 +69,7 @@ def test_vae_objective_trains_the_vae_and_sets_the_latent_scale(tmp_path):
     for p, q in zip(before.unet.parameters(), after.unet.parameters()):   # the rest is untouched
         assert torch.equal(p, q)
     # the saved scale makes the training latents unit-variance (measured here with other posterior noise)
-    ds = train.build_dataset(train.parse_args(["--model", "x", "--data", str(data), "--resolution", "16"]))
+    ds = training_set(str(data), 16)
     images = torch.stack([ds[i][0] for i in range(len(ds))])
     with torch.no_grad():
         z = after.vae.scale_latents(after.vae.encode(images).sample(torch.Generator().manual_seed(9)))

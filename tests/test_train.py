@@ -24,6 +24,8 @@ from train_helpers import (ROOT, make_images, make_tiny_pixart, make_tiny_sd, ma
 
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
+from flash.conditioning import encode_text  # noqa: E402
+from flash.data import load_batch, training_set  # noqa: E402
 from flash.losses import PHASES  # noqa: E402
 
 BASE = ["--K", "4", "--lr", "1e-3", "--lora-rank", "4", "--seed", "3"]
@@ -203,9 +205,9 @@ def one_copy_check(tiny, tmp_path, monkeypatch, full):
             seen.update(storages_holding(base))
         return real_pair(*a, **kw)
     monkeypatch.setattr(train, "teacher_pair", counting_pair)
-    images, captions = train.load_batch(train.build_dataset(args), args.seed, range(2))
+    images, captions = load_batch(training_set(args.data, args.resolution), args.seed, range(2))
     draws = train.sample_draws(args, range(2), m.latent_shape, "cpu")
-    cond = train.encode_text(m, captions, args.resolution)
+    cond = encode_text(m.pipe, captions, args.resolution)
     terms, loss, disc = train.flash_micro_batch(m, args, images, cond, draws, 0, 5.0, 5.0, m.phases[3])
     (loss + disc).backward()
     assert set(terms) == {"distill", "dmd", "gen", "disc"}

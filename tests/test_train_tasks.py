@@ -91,15 +91,14 @@ def test_adapter_objective_trains_the_adapter_alone_and_resumes_exactly(base, ta
 
 
 def test_unconditional_branch_keeps_the_image_condition():
-    sys.path.insert(0, str(ROOT))
-    import train
+    from flash.conditioning import cond_map, with_image_condition
     uncond = {"context": torch.zeros(1, 3, 8)}
     cond = {"context": torch.ones(4, 3, 8), "concat": torch.randn(4, 5, 2, 2),
             "adapter_residuals": [torch.randn(4, 6, 2, 2)]}
-    u = train.with_image_condition(uncond, cond)
+    u = with_image_condition(uncond, cond)
     assert u["context"].shape == (4, 3, 8) and u["context"].abs().max() == 0
     assert u["concat"] is cond["concat"] and u["adapter_residuals"] is cond["adapter_residuals"]
-    both = train.cond_map(lambda a, b: torch.cat([a, b]), cond, u)
+    both = cond_map(lambda a, b: torch.cat([a, b]), cond, u)
     assert both["adapter_residuals"][0].shape == (8, 6, 2, 2)
 
 
