@@ -226,10 +226,10 @@ class PixArtBlock(nn.Module):
         dim = cfg.inner_dim
         self.eps = cfg.norm_eps
         self.scale_shift_table = nn.Parameter(torch.randn(6, dim) / dim ** 0.5)
-        self.attn1 = Attention(dim, cfg.num_attention_heads, cfg.attention_head_dim, qkv_bias=cfg.attention_bias)
-        self.attn2 = Attention(dim, cfg.num_attention_heads, cfg.attention_head_dim,
-                               context_dim=cfg.cross_attention_dim, qkv_bias=cfg.attention_bias)
-        self.ff = FeedForward(dim, 4 * dim, activation="gelu-tanh")
+        heads = dict(heads=cfg.num_attention_heads, head_dim=cfg.attention_head_dim, qkv_bias=cfg.attention_bias)
+        self.attn1 = Attention(dim, **heads)
+        self.attn2 = Attention(dim, context_dim=cfg.cross_attention_dim, **heads)
+        self.ff = FeedForward(dim, inner=4 * dim, activation="gelu-tanh")
 
     def forward(self, x, t6, context, context_mask):
         # The shared (B, 6C) modulation plus this block's own learned offsets.

@@ -119,7 +119,7 @@ class MidBlock(nn.Module):
 
     def __init__(self, channels, groups, add_attention=True):
         super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock2D(channels, channels, None, groups) for _ in range(2)])
+        self.resnets = nn.ModuleList([ResnetBlock2D(channels, channels, groups=groups) for _ in range(2)])
         self.attentions = nn.ModuleList([SpatialSelfAttention(channels, groups)]) if add_attention else None
 
     def forward(self, x):
@@ -132,7 +132,7 @@ class MidBlock(nn.Module):
 class EncoderBlock(nn.Module):
     def __init__(self, in_ch, out_ch, n_layers, groups, downsample):
         super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, None, groups)
+        self.resnets = nn.ModuleList([ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, groups=groups)
                                       for i in range(n_layers)])
         self.downsamplers = nn.ModuleList([Downsample2D(out_ch, padding=0)]) if downsample else None
 
@@ -145,7 +145,7 @@ class EncoderBlock(nn.Module):
 class DecoderBlock(nn.Module):
     def __init__(self, in_ch, out_ch, n_layers, groups, upsample):
         super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, None, groups)
+        self.resnets = nn.ModuleList([ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, groups=groups)
                                       for i in range(n_layers)])
         self.upsamplers = nn.ModuleList([Upsample2D(out_ch)]) if upsample else None
 
