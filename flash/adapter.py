@@ -21,7 +21,7 @@ import torch.nn as nn
 
 
 class AdapterResnetBlock(nn.Module):
-    """x + conv1x1(relu(conv3x3(x)))."""
+    """conv1x1(relu(conv3x3(x))) + x."""
 
     def __init__(self, channels):
         super().__init__()
@@ -30,7 +30,7 @@ class AdapterResnetBlock(nn.Module):
         self.block2 = nn.Conv2d(channels, channels, 1)
 
     def forward(self, x):
-        return x + self.block2(self.act(self.block1(x)))
+        return self.block2(self.act(self.block1(x))) + x
 
 
 class AdapterBlock(nn.Module):

@@ -158,6 +158,7 @@ class CLIPTextModel(nn.Module):
 
 @dataclass
 class CLIPTextConfig:
+    """transformers' CLIPTextConfig fields that shape the network, plus `with_projection` (the class)."""
     # Defaults are transformers' CLIPTextConfig defaults, so a config.json that omits a field reads the same.
     vocab_size: int = 49408
     hidden_size: int = 512

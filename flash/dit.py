@@ -57,7 +57,8 @@ class PatchEmbed(nn.Module):
     def forward(self, x):
         x = self.proj(x)  # (B, C, h, w)
         h, w = x.shape[-2:]
-        tokens = rearrange(x, "b c h w -> b (h w) c")  # (B, N, C), N = h*w row-major
+        # (B, N, C), N = h*w row-major: a view, as in diffusers (einops would copy; layout matters, flash/layers.py)
+        tokens = x.flatten(2).transpose(1, 2)
         # The sum is taken in fp32 (the table's dtype), then cast back, as upstream does.
         return (tokens + self.pos_embed(h, w, x.device)).to(tokens.dtype)
 
@@ -186,7 +187,7 @@ class PixArtTransformer2DModel(nn.Module):
             else:
                 x = block(x, t6, context, context_mask)
             if i == self.mid_block_index:
-                mid = rearrange(x, "b (h w) c -> b c h w", h=h, w=w)
+                mid = x.transpose(1, 2).reshape(b, -1, h, w)  # (B, C, h, w), a view like the tokens above
 
         shift, scale = (self.scale_shift_table[None] + t_emb[:, None]).chunk(2, dim=1)  # (B, 1, C) each
         x = self.proj_out(kernels.layer_norm_modulated(x, shift, scale, eps=1e-6))  # norm_out's eps is fixed upstream

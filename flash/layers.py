@@ -1,6 +1,12 @@
 """Blocks shared by the UNet, the VAE and the DiT, named as in diffusers checkpoints so weights load as-is.
 
 Attention and normalisation go through `kernels/`: a CUDA run gets the Triton kernels, a CPU run PyTorch.
+
+Memory layout is part of the numerics: a sum takes the layout (strides) of its first operand, and PyTorch's
+CPU kernels (convs, group norm) can round differently for an NCHW tensor and a channels-last or transposed
+view of the same values. So a residual whose input may be such a view is written f(x) + x, keeping f(x)'s
+layout (no view's layout spreads through a stack of blocks), and token <-> image reshapes copy or stay views
+where diffusers' do. Changing either changes CPU outputs in the last bits.
 """
 import math
 
@@ -67,6 +73,8 @@ class GEGLU(nn.Module):
 
 
 class GELU(nn.Module):
+    """proj -> gelu (the tanh approximation in PixArt's feed-forward)."""
+
     def __init__(self, dim, inner, approximate="none"):
         super().__init__()
         self.proj = nn.Linear(dim, inner)
@@ -141,8 +149,7 @@ class ResnetBlock2D(nn.Module):
         if self.time_emb_proj is not None:
             h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]  # one shift per channel
         h = self.conv2(self.norm2(h))
-        shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        return shortcut + h
+        return h + (x if self.conv_shortcut is None else self.conv_shortcut(x))  # h first: see the docstring
 
 
 class Downsample2D(nn.Module):

@@ -175,6 +175,7 @@ class T5EncoderModel(nn.Module):
 
 @dataclass
 class T5Config:
+    """transformers' T5Config fields that shape the encoder."""
     # Defaults are transformers' T5Config defaults, so a config.json that omits a field reads the same.
     vocab_size: int = 32128
     d_model: int = 512

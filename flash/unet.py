@@ -44,12 +44,16 @@ def image_to_tokens(x):
 
 
 def tokens_to_image(tokens, h, w):
-    """(B, H*W, C) -> (B, C, H, W), made contiguous so what follows sees the usual NCHW layout."""
+    """(B, H*W, C) -> (B, C, H, W), copied to NCHW as diffusers does (layout matters: flash/layers.py)."""
     return rearrange(tokens, "b (h w) c -> b c h w", h=h, w=w).contiguous()
 
 
 class BasicTransformerBlock(nn.Module):
-    """Pre-norm self-attention, cross-attention to the text, GEGLU feed-forward, each with a residual."""
+    """Pre-norm self-attention, cross-attention to the text, GEGLU feed-forward, each with a residual.
+
+    Residuals are f(x) + x (see flash/layers.py): after a 1x1-conv proj_in the first block's input is a
+    transposed view of the image, and x + f(x) would carry that layout through every block.
+    """
 
     def __init__(self, dim, *, heads, context_dim):
         super().__init__()
@@ -61,9 +65,9 @@ class BasicTransformerBlock(nn.Module):
         self.ff = FeedForward(dim, activation="geglu")
 
     def forward(self, x, context):
-        x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
-        return x + self.ff(self.norm3(x))
+        x = self.attn1(self.norm1(x)) + x
+        x = self.attn2(self.norm2(x), context) + x
+        return self.ff(self.norm3(x)) + x
 
 
 class Transformer2DModel(nn.Module):
@@ -87,7 +91,7 @@ class Transformer2DModel(nn.Module):
         tokens = self.project_in(self.norm(x))          # (B, H*W, C)
         for block in self.transformer_blocks:
             tokens = block(tokens, context)
-        return x + self.project_out(tokens, h, w)       # (B, C, H, W)
+        return self.project_out(tokens, h, w) + x       # (B, C, H, W)
 
     def project_in(self, x):
         """proj_in, (B, C, H, W) -> (B, H*W, C): a Linear acts on the tokens, a 1x1 conv on the image."""
@@ -224,11 +228,12 @@ class UNet2DConditionModel(nn.Module):
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
 
     def enable_gradient_checkpointing(self, on=True):
+        """Recompute each block's activations in the backward pass instead of storing them (saves memory)."""
         self.gradient_checkpointing = on
         return self
 
     def _run(self, block, *args):
-        """Recompute each block's activations in the backward pass when checkpointing (saves memory)."""
+        """block(*args), checkpointed when enabled."""
         if self.gradient_checkpointing and torch.is_grad_enabled():
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
@@ -338,6 +343,7 @@ class UNetConfig:
         return list(value) if isinstance(value, (list, tuple)) else [value] * len(self.block_out_channels)
 
     def validate(self, source="unet config"):
+        """Raise a ValueError naming the field if this config is not one the model can build."""
         n = len(self.block_out_channels)
         for name in ("down_block_types", "up_block_types", "layers_per_block", "cross_attention_dim",
                      "transformer_layers_per_block", "attention_head_dim"):

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from einops import rearrange
 
 from flash.layers import Attention, Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D
 
@@ -35,11 +34,10 @@ class SpatialSelfAttention(Attention):
         self.group_norm = GroupNorm(groups, channels, eps=eps)
 
     def forward(self, x):
-        h, w = x.shape[-2:]
-        tokens = rearrange(self.group_norm(x), "b c h w -> b (h w) c")
-        out = rearrange(super().forward(tokens), "b (h w) c -> b c h w", h=h, w=w)  # a channels-last view
-        # f(x) + x, not x + f(x): the sum takes the strides of its first operand, so this one stays channels-last,
-        # as in diffusers, and the next conv runs the same CPU kernel (its result depends on the memory layout).
+        # Views as in diffusers, not einops' copies, and f(x) + x: layout matters (flash/layers.py).
+        b, c, h, w = x.shape
+        tokens = self.group_norm(x).flatten(2).transpose(1, 2)              # (B, H*W, C)
+        out = super().forward(tokens).transpose(1, 2).reshape(b, c, h, w)   # channels-last strides
         return out + x
 
 
@@ -274,6 +272,7 @@ class VAEConfig:
         return cfg
 
     def validate(self, source="vae config"):
+        """Raise a ValueError naming the field if this config is not one the model can build."""
         n = len(self.block_out_channels)
         if tuple(self.down_block_types) != ("DownEncoderBlock2D",) * n or tuple(self.up_block_types) != ("UpDecoderBlock2D",) * n:
             raise ValueError(f"{source}: down/up_block_types must be {n} DownEncoderBlock2D / UpDecoderBlock2D, "
