@@ -17,32 +17,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 
 
-@dataclass
-class AdapterConfig:
-    in_channels: int = 3                        # 1 for the canny / sketch adapters, 3 for depth, pose, ...
-    channels: tuple = (320, 640, 1280, 1280)    # the UNet's block_out_channels
-    num_res_blocks: int = 2
-    downscale_factor: int = 8
-    adapter_type: str = "full_adapter"
-
-    @classmethod
-    def from_config_json(cls, config, source="adapter config"):
-        if not isinstance(config, dict):
-            source = str(config)
-            config = json.loads(Path(config).read_text())
-        cfg = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()
-                     if k in cls.__dataclass_fields__})
-        if cfg.adapter_type not in ("full_adapter", "full_adapter_xl"):
-            raise ValueError(f"{source}: adapter_type={cfg.adapter_type!r} is not supported "
-                             "(full_adapter, full_adapter_xl)")
-        return cfg
-
-
 class AdapterResnetBlock(nn.Module):
+    """conv1x1(relu(conv3x3(x))) + x."""
+
     def __init__(self, channels):
         super().__init__()
         self.block1 = nn.Conv2d(channels, channels, 3, padding=1)
@@ -54,12 +34,14 @@ class AdapterResnetBlock(nn.Module):
 
 
 class AdapterBlock(nn.Module):
-    def __init__(self, in_ch, out_ch, n, down):
+    """One level: [AvgPool 2x2] -> [1x1 conv where the width changes] -> num_res_blocks resnets."""
+
+    def __init__(self, *, in_channels, out_channels, num_res_blocks, downsample):
         super().__init__()
         # ceil_mode: an odd side rounds up, as the UNet's stride-2 convs with padding 1 do
-        self.downsample = nn.AvgPool2d(2, 2, ceil_mode=True) if down else None
-        self.in_conv = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
-        self.resnets = nn.Sequential(*[AdapterResnetBlock(out_ch) for _ in range(n)])
+        self.downsample = nn.AvgPool2d(2, 2, ceil_mode=True) if downsample else None
+        self.in_conv = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.resnets = nn.Sequential(*[AdapterResnetBlock(out_channels) for _ in range(num_res_blocks)])
 
     def forward(self, x):
         if self.downsample is not None:
@@ -70,6 +52,8 @@ class AdapterBlock(nn.Module):
 
 
 class FullAdapter(nn.Module):
+    """PixelUnshuffle -> conv_in -> one AdapterBlock per UNet down level, each output kept as a feature."""
+
     def __init__(self, cfg):
         super().__init__()
         ch, n = list(cfg.channels), cfg.num_res_blocks
@@ -79,7 +63,8 @@ class FullAdapter(nn.Module):
             downs = [i > 0 for i in range(len(ch))]
         else:                                         # full_adapter_xl: down at the third level only
             downs = [i == 2 for i in range(len(ch))]
-        self.body = nn.ModuleList([AdapterBlock(ch[max(i - 1, 0)], ch[i], n, downs[i]) for i in range(len(ch))])
+        self.body = nn.ModuleList([AdapterBlock(in_channels=ch[max(i - 1, 0)], out_channels=ch[i], num_res_blocks=n,
+                                                downsample=downs[i]) for i in range(len(ch))])
 
     def forward(self, x):
         x = self.conv_in(self.unshuffle(x))
@@ -91,7 +76,9 @@ class FullAdapter(nn.Module):
 
 
 class T2IAdapter(nn.Module):
-    def __init__(self, cfg: AdapterConfig = AdapterConfig()):
+    """diffusers' T2IAdapter: the full adapter under the `adapter.` prefix of its checkpoint keys."""
+
+    def __init__(self, cfg: "AdapterConfig"):
         super().__init__()
         self.config = cfg
         self.adapter = FullAdapter(cfg)
@@ -114,3 +101,28 @@ class T2IAdapter(nn.Module):
             raise ValueError(f"adapter condition image sides must be multiples of {f}, got {tuple(image.shape[-2:])}")
         dtype = self.adapter.conv_in.weight.dtype
         return [feature * scale if scale != 1 else feature for feature in self.adapter(image.to(dtype))]
+
+
+# ----------------------------------------------------------------------------- config
+
+@dataclass
+class AdapterConfig:
+    """diffusers' T2IAdapter config fields."""
+    in_channels: int = 3                        # 1 for the canny / sketch adapters, 3 for depth, pose, ...
+    channels: tuple = (320, 640, 1280, 1280)    # the UNet's block_out_channels
+    num_res_blocks: int = 2
+    downscale_factor: int = 8
+    adapter_type: str = "full_adapter"
+
+    @classmethod
+    def from_config_json(cls, config, source="adapter config"):
+        """A diffusers config.json (a dict, or a path to the file). Unknown keys are ignored."""
+        if not isinstance(config, dict):
+            source = str(config)
+            config = json.loads(Path(config).read_text())
+        cfg = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()
+                     if k in cls.__dataclass_fields__})
+        if cfg.adapter_type not in ("full_adapter", "full_adapter_xl"):
+            raise ValueError(f"{source}: adapter_type={cfg.adapter_type!r} is not supported "
+                             "(full_adapter, full_adapter_xl)")
+        return cfg

@@ -20,55 +20,10 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 import kernels
 from flash.layers import LayerNorm
-
-
-@dataclass
-class CLIPTextConfig:
-    # Defaults are transformers' CLIPTextConfig defaults, so a config.json that omits a field reads the same.
-    vocab_size: int = 49408
-    hidden_size: int = 512
-    intermediate_size: int = 2048
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 8
-    max_position_embeddings: int = 77
-    hidden_act: str = "quick_gelu"  # "quick_gelu" (OpenAI CLIP) or "gelu" (OpenCLIP bigG)
-    layer_norm_eps: float = 1e-5
-    eos_token_id: int = 49407
-    projection_dim: int = 512
-    with_projection: bool = False  # not in transformers: True for CLIPTextModelWithProjection
-
-
-CONFIGS = {
-    # OpenAI CLIP ViT-L/14 text tower (SD1.x text_encoder, SDXL text_encoder): 123,060,480 params.
-    # The released configs carry eos_token_id 2 (written before transformers fixed the field), which selects
-    # the legacy argmax pooling; it finds <|endoftext|> because 49407 is the largest id in the vocabulary.
-    "clip-l": CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                             num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
-                             layer_norm_eps=1e-5, eos_token_id=2, projection_dim=768),
-    # OpenCLIP ViT-bigG/14 text tower with its projection (SDXL text_encoder_2).
-    "openclip-bigg": CLIPTextConfig(vocab_size=49408, hidden_size=1280, intermediate_size=5120,
-                                    num_hidden_layers=32, num_attention_heads=20, max_position_embeddings=77,
-                                    hidden_act="gelu", layer_norm_eps=1e-5, eos_token_id=2, projection_dim=1280,
-                                    with_projection=True),
-}
-
-ACTIVATIONS = ("quick_gelu", "gelu")
-
-
-def from_config_json(d):
-    """A transformers config.json dict -> CLIPTextConfig. Unknown keys are ignored; unsupported values raise."""
-    names = {f.name for f in fields(CLIPTextConfig)}
-    cfg = CLIPTextConfig(**{k: v for k, v in d.items() if k in names and k != "with_projection"})
-    cfg = replace(cfg, with_projection="CLIPTextModelWithProjection" in (d.get("architectures") or []))
-    if cfg.hidden_act not in ACTIVATIONS:
-        raise ValueError(f"hidden_act={cfg.hidden_act!r} is not supported (expected one of {', '.join(ACTIVATIONS)})")
-    if cfg.hidden_size % cfg.num_attention_heads:
-        raise ValueError(f"hidden_size={cfg.hidden_size} is not divisible by "
-                         f"num_attention_heads={cfg.num_attention_heads}")
-    return cfg
 
 
 def quick_gelu(x):
@@ -117,11 +72,11 @@ class CLIPAttention(nn.Module):
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(c, c) for _ in range(4))
 
     def forward(self, x, key_padding_mask=None):
-        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, H, L, D)
+        q, k, v = (rearrange(t, "b l (h d) -> b h l d", h=self.heads)
                    for t in (self.q_proj(x), self.k_proj(x), self.v_proj(x)))
         # CLIP's text tower is causal: each token sees itself and the tokens before it.
         out = kernels.attention(q, k, v, key_padding_mask=key_padding_mask, is_causal=True)
-        return self.out_proj(out.transpose(1, 2).flatten(2))
+        return self.out_proj(rearrange(out, "b h l d -> b l (h d)"))
 
 
 class CLIPMLP(nn.Module):
@@ -197,3 +152,52 @@ class CLIPTextModel(nn.Module):
         if self.text_projection is not None:
             pooled = self.text_projection(pooled)
         return CLIPTextOutput(last, penultimate, pooled)
+
+
+# ----------------------------------------------------------------------------- config
+
+@dataclass
+class CLIPTextConfig:
+    """transformers' CLIPTextConfig fields that shape the network, plus `with_projection` (the class)."""
+    # Defaults are transformers' CLIPTextConfig defaults, so a config.json that omits a field reads the same.
+    vocab_size: int = 49408
+    hidden_size: int = 512
+    intermediate_size: int = 2048
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 8
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"  # "quick_gelu" (OpenAI CLIP) or "gelu" (OpenCLIP bigG)
+    layer_norm_eps: float = 1e-5
+    eos_token_id: int = 49407
+    projection_dim: int = 512
+    with_projection: bool = False  # not in transformers: True for CLIPTextModelWithProjection
+
+
+CONFIGS = {
+    # OpenAI CLIP ViT-L/14 text tower (SD1.x text_encoder, SDXL text_encoder): 123,060,480 params.
+    # The released configs carry eos_token_id 2 (written before transformers fixed the field), which selects
+    # the legacy argmax pooling; it finds <|endoftext|> because 49407 is the largest id in the vocabulary.
+    "clip-l": CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                             num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+                             layer_norm_eps=1e-5, eos_token_id=2, projection_dim=768),
+    # OpenCLIP ViT-bigG/14 text tower with its projection (SDXL text_encoder_2).
+    "openclip-bigg": CLIPTextConfig(vocab_size=49408, hidden_size=1280, intermediate_size=5120,
+                                    num_hidden_layers=32, num_attention_heads=20, max_position_embeddings=77,
+                                    hidden_act="gelu", layer_norm_eps=1e-5, eos_token_id=2, projection_dim=1280,
+                                    with_projection=True),
+}
+
+ACTIVATIONS = ("quick_gelu", "gelu")
+
+
+def from_config_json(d):
+    """A transformers config.json dict -> CLIPTextConfig. Unknown keys are ignored; unsupported values raise."""
+    names = {f.name for f in fields(CLIPTextConfig)}
+    cfg = CLIPTextConfig(**{k: v for k, v in d.items() if k in names and k != "with_projection"})
+    cfg = replace(cfg, with_projection="CLIPTextModelWithProjection" in (d.get("architectures") or []))
+    if cfg.hidden_act not in ACTIVATIONS:
+        raise ValueError(f"hidden_act={cfg.hidden_act!r} is not supported (expected one of {', '.join(ACTIVATIONS)})")
+    if cfg.hidden_size % cfg.num_attention_heads:
+        raise ValueError(f"hidden_size={cfg.hidden_size} is not divisible by "
+                         f"num_attention_heads={cfg.num_attention_heads}")
+    return cfg

@@ -1,12 +1,19 @@
 """Blocks shared by the UNet, the VAE and the DiT, named as in diffusers checkpoints so weights load as-is.
 
 Attention and normalisation go through `kernels/`: a CUDA run gets the Triton kernels, a CPU run PyTorch.
+
+Memory layout is part of the numerics: a sum takes the layout (strides) of its first operand, and PyTorch's
+CPU kernels (convs, group norm) can round differently for an NCHW tensor and a channels-last or transposed
+view of the same values. So a residual whose input may be such a view is written f(x) + x, keeping f(x)'s
+layout (no view's layout spreads through a stack of blocks), and token <-> image reshapes copy or stay views
+where diffusers' do. Changing either changes CPU outputs in the last bits.
 """
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 import kernels
 
@@ -35,7 +42,7 @@ class Attention(nn.Module):
     Self-attention when `context` is None, cross-attention otherwise. x: (B, L, C) -> (B, L, C).
     """
 
-    def __init__(self, dim, heads, head_dim, context_dim=None, qkv_bias=False, out_bias=True):
+    def __init__(self, dim, *, heads, head_dim, context_dim=None, qkv_bias=False, out_bias=True):
         super().__init__()
         inner = heads * head_dim
         self.heads = heads
@@ -47,10 +54,10 @@ class Attention(nn.Module):
 
     def forward(self, x, context=None, key_padding_mask=None):
         context = x if context is None else context
-        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, H, L, D)
+        q, k, v = (rearrange(t, "b l (h d) -> b h l d", h=self.heads)
                    for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
         out = kernels.attention(q, k, v, key_padding_mask=key_padding_mask)
-        return self.to_out[0](out.transpose(1, 2).flatten(2))
+        return self.to_out[0](rearrange(out, "b h l d -> b l (h d)"))
 
 
 class GEGLU(nn.Module):
@@ -66,6 +73,8 @@ class GEGLU(nn.Module):
 
 
 class GELU(nn.Module):
+    """proj -> gelu (the tanh approximation in PixArt's feed-forward)."""
+
     def __init__(self, dim, inner, approximate="none"):
         super().__init__()
         self.proj = nn.Linear(dim, inner)
@@ -78,7 +87,7 @@ class GELU(nn.Module):
 class FeedForward(nn.Module):
     """diffusers' FeedForward keys: net.0.proj (activation projection), net.1 (dropout), net.2 (output)."""
 
-    def __init__(self, dim, inner=None, activation="geglu"):
+    def __init__(self, dim, *, inner=None, activation="geglu"):
         super().__init__()
         inner = inner or 4 * dim
         act = GEGLU(dim, inner) if activation == "geglu" else GELU(dim, inner, approximate="tanh")
@@ -124,26 +133,23 @@ class ResnetBlock2D(nn.Module):
     `temb_channels=None` gives the VAE's block (no time_emb_proj). x: (B, Cin, H, W) -> (B, Cout, H, W).
     """
 
-    def __init__(self, in_channels, out_channels=None, temb_channels=None, groups=32, eps=1e-6):
+    def __init__(self, in_channels, out_channels=None, *, temb_channels=None, groups=32, eps=1e-6):
         super().__init__()
         out_channels = out_channels or in_channels
-        self.norm1 = GroupNorm(groups, in_channels, eps, silu=True)
+        self.norm1 = GroupNorm(groups, in_channels, eps=eps, silu=True)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb_channels, out_channels) if temb_channels else None
-        self.norm2 = GroupNorm(groups, out_channels, eps, silu=True)
+        self.norm2 = GroupNorm(groups, out_channels, eps=eps, silu=True)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         # A learned shortcut only where the channel count changes (as in DDPM / LDM).
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x, temb=None):
-        # In-place adds on fresh conv outputs (autograd-safe: a conv's backward needs its input, not its
-        # output) save two activation-sized allocations per block.
         h = self.conv1(self.norm1(x))
         if self.time_emb_proj is not None:
-            h += self.time_emb_proj(F.silu(temb))[:, :, None, None]  # one shift per channel
+            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]  # one shift per channel
         h = self.conv2(self.norm2(h))
-        h += x if self.conv_shortcut is None else self.conv_shortcut(x)
-        return h
+        return h + (x if self.conv_shortcut is None else self.conv_shortcut(x))  # h first: see the docstring
 
 
 class Downsample2D(nn.Module):

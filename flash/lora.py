@@ -36,7 +36,9 @@ from safetensors import safe_open
 from flash.io import read_safetensors, write_safetensors
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-PIXART_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+# The reference's PixArt list also names "proj_in", but the PixArt transformer has no module of that name (its
+# patch embedding is pos_embed.proj), so the pattern matched nothing and is left out.
+PIXART_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_out", "ff.net.0.proj", "ff.net.2",
                   "adaln_single.linear", "adaln_single.emb.timestep_embedder.linear_1",
                   "adaln_single.emb.timestep_embedder.linear_2", "caption_projection.linear_1",
                   "caption_projection.linear_2")

@@ -145,21 +145,15 @@ def teacher_target(teacher_fn, x_t, i, grid, schedule, w):
 # Losses (method.md step 6)
 
 
-def distillation_loss(out, target, kind="l2", perceptual=None):
-    """L_distill between the student output and the teacher target, in latent space.
-
-    kind: "l2" (default, mse), "l1", or "perceptual": then `perceptual(out, target)` computes it (the
-    reference's LPIPS on a VAE-decoded centre crop; no LPIPS weights exist offline, so never a default).
-    """
+def distillation_loss(out, target, kind="l2"):
+    """L_distill between the student output and the teacher target, in latent space: "l2" (default, mse)
+    or "l1". The reference also offered LPIPS on a VAE-decoded centre crop; its weights are not available
+    offline, so flash leaves it out."""
     if kind == "l2":
         return F.mse_loss(out.float(), target.float())
     if kind == "l1":
         return F.l1_loss(out.float(), target.float())
-    if kind == "perceptual":
-        if perceptual is None:
-            raise ValueError("distillation_loss: kind='perceptual' needs a perceptual(out, target) function")
-        return perceptual(out, target).mean()
-    raise ValueError(f"distillation_loss: kind must be 'l2', 'l1' or 'perceptual', got {kind!r}")
+    raise ValueError(f"distillation_loss: kind must be 'l2' or 'l1', got {kind!r}")
 
 
 def dmd_renoise_timesteps(B, generator=None, low=0, high=999, device="cpu"):
@@ -278,7 +272,6 @@ def _generic_layers(c, size, width, max_width=1024):
 
 
 HEADS = {"sd15": _sd15_layers, "sdxl": _sdxl_layers}
-HEAD_NATIVE_SIZES = {"sd15": (1280, 8), "sdxl": (1280, 32)}     # mid-block features at 512 / 1024 px
 
 
 class DiscriminatorHead(nn.Module):

@@ -20,44 +20,9 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 import kernels
-
-
-@dataclass
-class T5Config:
-    # Defaults are transformers' T5Config defaults, so a config.json that omits a field reads the same.
-    vocab_size: int = 32128
-    d_model: int = 512
-    d_kv: int = 64          # per-head width; num_heads * d_kv need not equal d_model
-    d_ff: int = 2048
-    num_layers: int = 6
-    num_heads: int = 8
-    relative_attention_num_buckets: int = 32
-    relative_attention_max_distance: int = 128
-    layer_norm_epsilon: float = 1e-6
-    feed_forward_proj: str = "relu"  # only "gated-gelu" (T5 v1.1) is supported; "relu" is T5 v1.0
-
-
-CONFIGS = {
-    # google/t5-v1_1-xxl encoder as used by PixArt-alpha: about 4.76B parameters.
-    "t5-v1_1-xxl": T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-                            relative_attention_num_buckets=32, relative_attention_max_distance=128,
-                            layer_norm_epsilon=1e-6, feed_forward_proj="gated-gelu"),
-}
-
-
-def from_config_json(d):
-    """A transformers config.json dict -> T5Config. Unknown keys are ignored; unsupported values raise."""
-    names = {f.name for f in fields(T5Config)}
-    cfg = T5Config(**{k: v for k, v in d.items() if k in names})
-    if cfg.feed_forward_proj != "gated-gelu":
-        raise ValueError(f"feed_forward_proj={cfg.feed_forward_proj!r} is not supported "
-                         f"(only the T5 v1.1 'gated-gelu')")
-    # transformers lets dense_act_fn follow feed_forward_proj ("gated-gelu" -> "gelu_new"); refuse an override.
-    if d.get("dense_act_fn", "gelu_new") != "gelu_new":
-        raise ValueError(f"dense_act_fn={d['dense_act_fn']!r} is not supported (gated-gelu uses 'gelu_new')")
-    return cfg
 
 
 def relative_position_bucket(relative_position, num_buckets=32, max_distance=128):
@@ -97,7 +62,9 @@ class T5LayerNorm(nn.Module):
 
 
 class T5Attention(nn.Module):
-    def __init__(self, cfg, has_relative_attention_bias=False):
+    """Multi-head self-attention plus T5's additive relative-position bias (the table lives in block 0 only)."""
+
+    def __init__(self, cfg, *, has_relative_attention_bias=False):
         super().__init__()
         inner = cfg.num_heads * cfg.d_kv
         self.heads = cfg.num_heads
@@ -117,17 +84,18 @@ class T5Attention(nn.Module):
         return self.relative_attention_bias(buckets).permute(2, 0, 1)[None]
 
     def forward(self, x, position_bias, key_padding_mask=None):
-        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, H, L, d_kv)
-                   for t in (self.q(x), self.k(x), self.v(x)))
+        q, k, v = (rearrange(t, "b l (h d) -> b h l d", h=self.heads) for t in (self.q(x), self.k(x), self.v(x)))
         # scale=1: T5 does not divide scores by sqrt(d_kv). The position bias enters as an additive bias.
         out = kernels.attention(q, k, v, key_padding_mask=key_padding_mask, scale=1.0, attn_bias=position_bias)
-        return self.o(out.transpose(1, 2).flatten(2))
+        return self.o(rearrange(out, "b h l d -> b l (h d)"))
 
 
 class T5LayerSelfAttention(nn.Module):
-    def __init__(self, cfg, has_relative_attention_bias=False):
+    """Pre-norm self-attention with a residual."""
+
+    def __init__(self, cfg, *, has_relative_attention_bias=False):
         super().__init__()
-        self.SelfAttention = T5Attention(cfg, has_relative_attention_bias)
+        self.SelfAttention = T5Attention(cfg, has_relative_attention_bias=has_relative_attention_bias)
         self.layer_norm = T5LayerNorm(cfg.d_model, cfg.layer_norm_epsilon)
 
     def forward(self, x, position_bias, key_padding_mask=None):
@@ -159,10 +127,11 @@ class T5LayerFF(nn.Module):
 
 
 class T5Block(nn.Module):
-    def __init__(self, cfg, has_relative_attention_bias=False):
+    def __init__(self, cfg, *, has_relative_attention_bias=False):
         super().__init__()
         # Index 0 self-attention, index 1 feed-forward (a decoder would put cross-attention at 1).
-        self.layer = nn.ModuleList([T5LayerSelfAttention(cfg, has_relative_attention_bias), T5LayerFF(cfg)])
+        self.layer = nn.ModuleList([T5LayerSelfAttention(cfg, has_relative_attention_bias=has_relative_attention_bias),
+                                    T5LayerFF(cfg)])
 
     def forward(self, x, position_bias, key_padding_mask=None):
         x = clamp_fp16(self.layer[0](x, position_bias, key_padding_mask))
@@ -200,3 +169,42 @@ class T5EncoderModel(nn.Module):
         for block in enc.block:
             x = block(x, bias, key_padding_mask)
         return enc.final_layer_norm(x)
+
+
+# ----------------------------------------------------------------------------- config
+
+@dataclass
+class T5Config:
+    """transformers' T5Config fields that shape the encoder."""
+    # Defaults are transformers' T5Config defaults, so a config.json that omits a field reads the same.
+    vocab_size: int = 32128
+    d_model: int = 512
+    d_kv: int = 64          # per-head width; num_heads * d_kv need not equal d_model
+    d_ff: int = 2048
+    num_layers: int = 6
+    num_heads: int = 8
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    layer_norm_epsilon: float = 1e-6
+    feed_forward_proj: str = "relu"  # only "gated-gelu" (T5 v1.1) is supported; "relu" is T5 v1.0
+
+
+CONFIGS = {
+    # google/t5-v1_1-xxl encoder as used by PixArt-alpha: about 4.76B parameters.
+    "t5-v1_1-xxl": T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                            relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                            layer_norm_epsilon=1e-6, feed_forward_proj="gated-gelu"),
+}
+
+
+def from_config_json(d):
+    """A transformers config.json dict -> T5Config. Unknown keys are ignored; unsupported values raise."""
+    names = {f.name for f in fields(T5Config)}
+    cfg = T5Config(**{k: v for k, v in d.items() if k in names})
+    if cfg.feed_forward_proj != "gated-gelu":
+        raise ValueError(f"feed_forward_proj={cfg.feed_forward_proj!r} is not supported "
+                         f"(only the T5 v1.1 'gated-gelu')")
+    # transformers lets dense_act_fn follow feed_forward_proj ("gated-gelu" -> "gelu_new"); refuse an override.
+    if d.get("dense_act_fn", "gelu_new") != "gelu_new":
+        raise ValueError(f"dense_act_fn={d['dense_act_fn']!r} is not supported (gated-gelu uses 'gelu_new')")
+    return cfg

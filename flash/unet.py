@@ -31,11 +31,262 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
 from flash.layers import (Attention, Downsample2D, FeedForward, GroupNorm, LayerNorm, ResnetBlock2D,
                           TimestepEmbedding, Upsample2D, timestep_embedding)
 
+
+def image_to_tokens(x):
+    """(B, C, H, W) -> (B, H*W, C), row-major over the pixels."""
+    return rearrange(x, "b c h w -> b (h w) c")
+
+
+def tokens_to_image(tokens, h, w):
+    """(B, H*W, C) -> (B, C, H, W), copied to NCHW as diffusers does (layout matters: flash/layers.py)."""
+    return rearrange(tokens, "b (h w) c -> b c h w", h=h, w=w).contiguous()
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm self-attention, cross-attention to the text, GEGLU feed-forward, each with a residual.
+
+    Residuals are f(x) + x (see flash/layers.py): after a 1x1-conv proj_in the first block's input is a
+    transposed view of the image, and x + f(x) would carry that layout through every block.
+    """
+
+    def __init__(self, dim, *, heads, context_dim):
+        super().__init__()
+        self.norm1 = LayerNorm(dim)
+        self.attn1 = Attention(dim, heads=heads, head_dim=dim // heads)
+        self.norm2 = LayerNorm(dim)
+        self.attn2 = Attention(dim, heads=heads, head_dim=dim // heads, context_dim=context_dim)
+        self.norm3 = LayerNorm(dim)
+        self.ff = FeedForward(dim, activation="geglu")
+
+    def forward(self, x, context):
+        x = self.attn1(self.norm1(x)) + x
+        x = self.attn2(self.norm2(x), context) + x
+        return self.ff(self.norm3(x)) + x
+
+
+class Transformer2DModel(nn.Module):
+    """GroupNorm -> proj_in -> `depth` transformer blocks over the H*W tokens -> proj_out, plus a residual.
+
+    proj_in/out are 1x1 convs on the image (SD1.x) or Linear layers on the tokens (use_linear_projection:
+    SD2, SDXL). Same maths, same key names; only the weight shapes differ, (C, C, 1, 1) against (C, C).
+    """
+
+    def __init__(self, channels, *, heads, depth, context_dim, groups, linear_projection):
+        super().__init__()
+        self.linear_projection = linear_projection
+        self.norm = GroupNorm(groups, channels, eps=1e-6)
+        self.proj_in = nn.Linear(channels, channels) if linear_projection else nn.Conv2d(channels, channels, 1)
+        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(channels, heads=heads, context_dim=context_dim)
+                                                 for _ in range(depth)])
+        self.proj_out = nn.Linear(channels, channels) if linear_projection else nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x, context):
+        h, w = x.shape[-2:]
+        tokens = self.project_in(self.norm(x))          # (B, H*W, C)
+        for block in self.transformer_blocks:
+            tokens = block(tokens, context)
+        return self.project_out(tokens, h, w) + x       # (B, C, H, W)
+
+    def project_in(self, x):
+        """proj_in, (B, C, H, W) -> (B, H*W, C): a Linear acts on the tokens, a 1x1 conv on the image."""
+        if self.linear_projection:
+            return self.proj_in(image_to_tokens(x))
+        return image_to_tokens(self.proj_in(x))
+
+    def project_out(self, tokens, h, w):
+        """proj_out, (B, H*W, C) -> (B, C, H, W)."""
+        if self.linear_projection:
+            return tokens_to_image(self.proj_out(tokens), h, w)
+        return self.proj_out(tokens_to_image(tokens, h, w))
+
+
+class DownBlock(nn.Module):
+    """One resolution level on the way down: (ResNet [, Transformer]) x num_layers, then an optional stride-2
+    conv. Returns the output and every intermediate state, which the up path consumes as skip connections.
+    `transformer`: the keyword arguments of the level's Transformer2DModels, None for a level without attention."""
+
+    def __init__(self, *, in_channels, out_channels, num_layers, temb_channels, groups, eps, transformer=None,
+                 downsample=False, downsample_padding=1):
+        super().__init__()
+        self.resnets = nn.ModuleList([
+            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, temb_channels=temb_channels,
+                          groups=groups, eps=eps) for i in range(num_layers)])
+        self.attentions = None if transformer is None else nn.ModuleList([
+            Transformer2DModel(out_channels, **transformer) for _ in range(num_layers)])
+        self.downsamplers = nn.ModuleList([Downsample2D(out_channels, padding=downsample_padding)]) if downsample else None
+
+    def forward(self, x, emb, context, residual=None):
+        """`residual`: an adapter feature (see the module docstring for where it is added)."""
+        skips = []
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(x, emb)
+            if self.attentions is not None:
+                x = self.attentions[i](x, context)
+                if residual is not None and i == len(self.resnets) - 1:
+                    x = x + residual
+            skips.append(x)
+        if self.downsamplers is not None:
+            x = self.downsamplers[0](x)
+            skips.append(x)
+        if residual is not None and self.attentions is None:
+            x = skips[-1] = x + residual
+        return x, skips
+
+
+class UpBlock(nn.Module):
+    """One level on the way up: (concat a skip, ResNet [, Transformer]) per skip, then an optional upsample.
+    `skip_channels` lists the channels of the skips in the order they are consumed (the latest first)."""
+
+    def __init__(self, *, in_channels, skip_channels, out_channels, temb_channels, groups, eps, transformer=None,
+                 upsample=False):
+        super().__init__()
+        inputs = [in_channels] + [out_channels] * (len(skip_channels) - 1)
+        self.resnets = nn.ModuleList([
+            ResnetBlock2D(c + s, out_channels, temb_channels=temb_channels, groups=groups, eps=eps)
+            for c, s in zip(inputs, skip_channels)])
+        self.attentions = None if transformer is None else nn.ModuleList([
+            Transformer2DModel(out_channels, **transformer) for _ in skip_channels])
+        self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if upsample else None
+
+    def forward(self, x, skips, emb, context, size=None):
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(torch.cat([x, skips[-1 - i]], dim=1), emb)   # the latest skip first
+            if self.attentions is not None:
+                x = self.attentions[i](x, context)
+        return x if self.upsamplers is None else self.upsamplers[0](x, size)
+
+
+class MidBlock(nn.Module):
+    """ResNet -> Transformer -> ResNet at the lowest resolution."""
+
+    def __init__(self, *, channels, temb_channels, groups, eps, transformer):
+        super().__init__()
+        self.resnets = nn.ModuleList([
+            ResnetBlock2D(channels, channels, temb_channels=temb_channels, groups=groups, eps=eps) for _ in range(2)])
+        self.attentions = nn.ModuleList([Transformer2DModel(channels, **transformer)])
+
+    def forward(self, x, emb, context):
+        x = self.resnets[0](x, emb)
+        return self.resnets[1](self.attentions[0](x, context), emb)
+
+
+class UNet2DConditionModel(nn.Module):
+    """The whole UNet for a UNetConfig; see the module docstring for the data flow."""
+
+    def __init__(self, cfg: "UNetConfig"):
+        super().__init__()
+        cfg.validate()
+        self.config = cfg
+        self.gradient_checkpointing = False
+        ch, layers = list(cfg.block_out_channels), cfg.levels("layers_per_block")
+        n, temb = len(ch), 4 * ch[0]
+        norm = dict(groups=cfg.norm_num_groups, eps=cfg.norm_eps)
+        heads, depth = cfg.levels("attention_head_dim"), cfg.levels("transformer_layers_per_block")
+        context_dim = cfg.levels("cross_attention_dim")
+
+        def transformer(level):
+            """Keyword arguments of the Transformer2DModels at `level` (all but their width)."""
+            return dict(heads=heads[level], depth=depth[level], context_dim=context_dim[level],
+                        groups=cfg.norm_num_groups, linear_projection=cfg.use_linear_projection)
+
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(ch[0], temb)
+        if cfg.addition_embed_type == "text_time":
+            self.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, temb)
+
+        skip_channels = [ch[0]]               # channels of every state the up path will concatenate
+        self.down_blocks = nn.ModuleList()
+        for i, kind in enumerate(cfg.levels("down_block_types")):
+            downsample = i < n - 1
+            self.down_blocks.append(DownBlock(
+                in_channels=ch[max(i - 1, 0)], out_channels=ch[i], num_layers=layers[i], temb_channels=temb,
+                transformer=transformer(i) if kind == "CrossAttnDownBlock2D" else None,
+                downsample=downsample, downsample_padding=cfg.downsample_padding, **norm))
+            skip_channels += [ch[i]] * (layers[i] + downsample)
+
+        self.mid_block = MidBlock(channels=ch[-1], temb_channels=temb, transformer=transformer(n - 1), **norm)
+
+        self.up_blocks = nn.ModuleList()
+        in_channels = ch[-1]
+        for i, kind in enumerate(cfg.levels("up_block_types")):     # up_blocks[0] is the lowest resolution
+            level = n - 1 - i
+            k = layers[level] + 1
+            skip_channels, mine = skip_channels[:-k], skip_channels[-k:][::-1]
+            self.up_blocks.append(UpBlock(
+                in_channels=in_channels, skip_channels=mine, out_channels=ch[level], temb_channels=temb,
+                transformer=transformer(level) if kind == "CrossAttnUpBlock2D" else None, upsample=level > 0,
+                **norm))
+            in_channels = ch[level]
+
+        self.conv_norm_out = GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps, silu=True)
+        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+
+    def enable_gradient_checkpointing(self, on=True):
+        """Recompute each block's activations in the backward pass instead of storing them (saves memory)."""
+        self.gradient_checkpointing = on
+        return self
+
+    def _run(self, block, *args):
+        """block(*args), checkpointed when enabled."""
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def embed(self, t, batch, dtype, added_cond=None):
+        """Timestep (scalar or (B,)) [+ SDXL micro-conditioning] -> (B, 4*C0) embedding."""
+        cfg = self.config
+        t = torch.as_tensor(t, device=self.conv_in.weight.device).reshape(-1).expand(batch)
+        # The sinusoid is computed in fp32 (large t times high frequencies loses phase in fp16), then cast.
+        emb = self.time_embedding(timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos,
+                                                     cfg.freq_shift).to(dtype))
+        if cfg.addition_embed_type == "text_time":
+            if not added_cond or "text_embeds" not in added_cond or "time_ids" not in added_cond:
+                raise ValueError("this UNet (addition_embed_type='text_time', SDXL) needs "
+                                 "added_cond={'text_embeds': (B, 1280), 'time_ids': (B, 6)}")
+            text, ids = added_cond["text_embeds"], added_cond["time_ids"]
+            ids = timestep_embedding(ids.flatten(), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift)
+            emb = emb + self.add_embedding(torch.cat([text, ids.reshape(text.shape[0], -1)], dim=-1).to(dtype))
+        return emb
+
+    def forward(self, x, t, context, added_cond=None, return_mid=False, concat=None, adapter_residuals=None):
+        """x (B, C, H, W) noisy latents, t timesteps, context (B, L, cross_attention_dim) text states;
+        concat (B, in_channels - C, H, W) image conditions; adapter_residuals: a list of adapter features.
+        Returns the eps / v prediction (B, out_channels, H, W), and the mid-block output if return_mid."""
+        emb = self.embed(t, x.shape[0], x.dtype, added_cond)
+        context = context.to(x.dtype)
+        if concat is not None:
+            x = torch.cat([x, concat.to(x.dtype)], dim=1)
+        if x.shape[1] != self.config.in_channels:
+            raise ValueError(f"this UNet takes {self.config.in_channels} input channels, got {x.shape[1]} "
+                             "(the noisy latent plus `concat`: an inpainting / super-resolution condition?)")
+        residuals = [r.to(x.dtype) for r in adapter_residuals or []]
+
+        h = self.conv_in(x)
+        skips = [h]
+        for block in self.down_blocks:
+            residual = residuals.pop(0) if residuals else None
+            h, states = self._run(block, h, emb, context, residual)
+            skips += states
+        h = mid = self._run(self.mid_block, h, emb, context)
+        if residuals and residuals[0].shape == h.shape:        # T2I-Adapter-XL's last feature
+            h = mid = h + residuals.pop(0)
+        for block in self.up_blocks:
+            k = len(block.resnets)
+            skips, mine = skips[:-k], skips[-k:]
+            # Upsample to the size of the next skip, so odd latent sizes round-trip (10 -> 5 -> 3 -> 5 -> 10).
+            size = skips[-1].shape[-2:] if skips else None
+            h = self._run(block, h, mine, emb, context, size)
+        out = self.conv_out(self.conv_norm_out(h))
+        return (out, mid) if return_mid else out
+
+
+# ----------------------------------------------------------------------------- config
 
 @dataclass
 class UNetConfig:
@@ -92,6 +343,7 @@ class UNetConfig:
         return list(value) if isinstance(value, (list, tuple)) else [value] * len(self.block_out_channels)
 
     def validate(self, source="unet config"):
+        """Raise a ValueError naming the field if this config is not one the model can build."""
         n = len(self.block_out_channels)
         for name in ("down_block_types", "up_block_types", "layers_per_block", "cross_attention_dim",
                      "transformer_layers_per_block", "attention_head_dim"):
@@ -142,215 +394,3 @@ CONFIGS = {
         use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
         projection_class_embeddings_input_dim=2816),
 }
-
-
-class BasicTransformerBlock(nn.Module):
-    """Pre-norm self-attention, cross-attention to the text, GEGLU feed-forward, each with a residual."""
-
-    def __init__(self, dim, heads, context_dim):
-        super().__init__()
-        self.norm1 = LayerNorm(dim)
-        self.attn1 = Attention(dim, heads, dim // heads)
-        self.norm2 = LayerNorm(dim)
-        self.attn2 = Attention(dim, heads, dim // heads, context_dim=context_dim)
-        self.norm3 = LayerNorm(dim)
-        self.ff = FeedForward(dim, activation="geglu")
-
-    def forward(self, x, context):
-        # Residual adds in place into each sub-layer's fresh output (its backward does not need it).
-        x = self.attn1(self.norm1(x)).add_(x)
-        x = self.attn2(self.norm2(x), context).add_(x)
-        return self.ff(self.norm3(x)).add_(x)
-
-
-class Transformer2DModel(nn.Module):
-    """GroupNorm -> proj_in -> `depth` transformer blocks over the H*W tokens -> proj_out, plus a residual.
-    proj_in/out are 1x1 convs (SD1.x) or Linear layers (use_linear_projection: SD2, SDXL)."""
-
-    def __init__(self, channels, heads, depth, context_dim, groups, linear):
-        super().__init__()
-        self.linear = linear
-        self.norm = GroupNorm(groups, channels, eps=1e-6)
-        proj = (lambda: nn.Linear(channels, channels)) if linear else (lambda: nn.Conv2d(channels, channels, 1))
-        self.proj_in = proj()
-        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(channels, heads, context_dim)
-                                                 for _ in range(depth)])
-        self.proj_out = proj()
-
-    def forward(self, x, context):
-        b, c, h, w = x.shape
-        tokens = self.norm(x)
-        if not self.linear:
-            tokens = self.proj_in(tokens)
-        tokens = tokens.permute(0, 2, 3, 1).reshape(b, h * w, c)        # (B, H*W, C)
-        if self.linear:
-            tokens = self.proj_in(tokens)
-        for block in self.transformer_blocks:
-            tokens = block(tokens, context)
-        if self.linear:
-            tokens = self.proj_out(tokens)
-        out = tokens.reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous()  # (B, C, H, W)
-        if not self.linear:
-            out = self.proj_out(out)
-        return out.add_(x)
-
-
-class DownBlock(nn.Module):
-    """One resolution level on the way down: (ResNet [, Transformer]) x n, then an optional stride-2 conv.
-    Returns the output and every intermediate state, which the up path consumes as skip connections."""
-
-    def __init__(self, in_ch, out_ch, n, temb_ch, attn, downsample, cfg):
-        super().__init__()
-        g, eps = cfg.norm_num_groups, cfg.norm_eps
-        self.resnets = nn.ModuleList([ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, temb_ch, g, eps)
-                                      for i in range(n)])
-        self.attentions = nn.ModuleList([Transformer2DModel(out_ch, *attn, g, cfg.use_linear_projection)
-                                         for _ in range(n)]) if attn else None
-        self.downsamplers = nn.ModuleList([Downsample2D(out_ch, cfg.downsample_padding)]) if downsample else None
-
-    def forward(self, x, emb, context, residual=None):
-        """`residual`: an adapter feature (see the module docstring for where it is added)."""
-        skips = []
-        for i, resnet in enumerate(self.resnets):
-            x = resnet(x, emb)
-            if self.attentions is not None:
-                x = self.attentions[i](x, context)
-                if residual is not None and i == len(self.resnets) - 1:
-                    x = x + residual
-            skips.append(x)
-        if self.downsamplers is not None:
-            x = self.downsamplers[0](x)
-            skips.append(x)
-        if residual is not None and self.attentions is None:
-            x = skips[-1] = x + residual
-        return x, skips
-
-
-class UpBlock(nn.Module):
-    """One level on the way up: (concat a skip, ResNet [, Transformer]) x n, then an optional upsample."""
-
-    def __init__(self, in_ch, skip_chs, out_ch, temb_ch, attn, upsample, cfg):
-        super().__init__()
-        g, eps = cfg.norm_num_groups, cfg.norm_eps
-        in_chs = [in_ch] + [out_ch] * (len(skip_chs) - 1)
-        self.resnets = nn.ModuleList([ResnetBlock2D(c + s, out_ch, temb_ch, g, eps) for c, s in zip(in_chs, skip_chs)])
-        self.attentions = nn.ModuleList([Transformer2DModel(out_ch, *attn, g, cfg.use_linear_projection)
-                                         for _ in skip_chs]) if attn else None
-        self.upsamplers = nn.ModuleList([Upsample2D(out_ch)]) if upsample else None
-
-    def forward(self, x, skips, emb, context, size=None):
-        for i, resnet in enumerate(self.resnets):
-            x = resnet(torch.cat([x, skips[-1 - i]], dim=1), emb)   # the latest skip first
-            if self.attentions is not None:
-                x = self.attentions[i](x, context)
-        return x if self.upsamplers is None else self.upsamplers[0](x, size)
-
-
-class MidBlock(nn.Module):
-    def __init__(self, ch, temb_ch, attn, cfg):
-        super().__init__()
-        g, eps = cfg.norm_num_groups, cfg.norm_eps
-        self.resnets = nn.ModuleList([ResnetBlock2D(ch, ch, temb_ch, g, eps) for _ in range(2)])
-        self.attentions = nn.ModuleList([Transformer2DModel(ch, *attn, g, cfg.use_linear_projection)])
-
-    def forward(self, x, emb, context):
-        x = self.resnets[0](x, emb)
-        return self.resnets[1](self.attentions[0](x, context), emb)
-
-
-class UNet2DConditionModel(nn.Module):
-    def __init__(self, cfg: UNetConfig = CONFIGS["sd15"]):
-        super().__init__()
-        cfg.validate()
-        self.config = cfg
-        self.gradient_checkpointing = False
-        ch = list(cfg.block_out_channels)
-        temb = 4 * ch[0]
-        n = len(ch)
-        heads, depth = cfg.levels("attention_head_dim"), cfg.levels("transformer_layers_per_block")
-        layers, ctx = cfg.levels("layers_per_block"), cfg.levels("cross_attention_dim")
-        down_attn = [t.startswith("CrossAttn") for t in cfg.levels("down_block_types")]
-        up_attn = [t.startswith("CrossAttn") for t in cfg.levels("up_block_types")]
-
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
-        self.time_embedding = TimestepEmbedding(ch[0], temb)
-        if cfg.addition_embed_type == "text_time":
-            self.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, temb)
-
-        skip_chs = [ch[0]]                    # channels of every state the up path will concatenate
-        self.down_blocks = nn.ModuleList()
-        for i in range(n):
-            attn = (heads[i], depth[i], ctx[i]) if down_attn[i] else None
-            self.down_blocks.append(DownBlock(ch[max(i - 1, 0)], ch[i], layers[i], temb, attn, i < n - 1, cfg))
-            skip_chs += [ch[i]] * (layers[i] + (i < n - 1))
-
-        self.mid_block = MidBlock(ch[-1], temb, (heads[-1], depth[-1], ctx[-1]), cfg)
-
-        self.up_blocks = nn.ModuleList()
-        x_ch = ch[-1]
-        for i, lvl in enumerate(reversed(range(n))):      # up_blocks[0] is the lowest resolution
-            k = layers[lvl] + 1
-            skip_chs, mine = skip_chs[:-k], skip_chs[-k:][::-1]
-            attn = (heads[lvl], depth[lvl], ctx[lvl]) if up_attn[i] else None
-            self.up_blocks.append(UpBlock(x_ch, mine, ch[lvl], temb, attn, lvl > 0, cfg))
-            x_ch = ch[lvl]
-
-        self.conv_norm_out = GroupNorm(cfg.norm_num_groups, ch[0], cfg.norm_eps, silu=True)
-        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
-
-    def enable_gradient_checkpointing(self, on=True):
-        self.gradient_checkpointing = on
-        return self
-
-    def _run(self, block, *args):
-        """Recompute each block's activations in the backward pass when checkpointing (saves memory)."""
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
-
-    def embed(self, t, batch, dtype, added_cond=None):
-        """Timestep (scalar or (B,)) [+ SDXL micro-conditioning] -> (B, 4*C0) embedding."""
-        cfg = self.config
-        t = torch.as_tensor(t, device=self.conv_in.weight.device).reshape(-1).expand(batch)
-        # The sinusoid is computed in fp32 (large t times high frequencies loses phase in fp16), then cast.
-        emb = self.time_embedding(timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos,
-                                                     cfg.freq_shift).to(dtype))
-        if cfg.addition_embed_type == "text_time":
-            if not added_cond or "text_embeds" not in added_cond or "time_ids" not in added_cond:
-                raise ValueError("this UNet (addition_embed_type='text_time', SDXL) needs "
-                                 "added_cond={'text_embeds': (B, 1280), 'time_ids': (B, 6)}")
-            text, ids = added_cond["text_embeds"], added_cond["time_ids"]
-            ids = timestep_embedding(ids.flatten(), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift)
-            emb = emb + self.add_embedding(torch.cat([text, ids.reshape(text.shape[0], -1)], dim=-1).to(dtype))
-        return emb
-
-    def forward(self, x, t, context, added_cond=None, return_mid=False, concat=None, adapter_residuals=None):
-        """x (B, C, H, W) noisy latents, t timesteps, context (B, L, cross_attention_dim) text states;
-        concat (B, in_channels - C, H, W) image conditions; adapter_residuals: a list of adapter features.
-        Returns the eps / v prediction (B, out_channels, H, W), and the mid-block output if return_mid."""
-        emb = self.embed(t, x.shape[0], x.dtype, added_cond)
-        context = context.to(x.dtype)
-        if concat is not None:
-            x = torch.cat([x, concat.to(x.dtype)], dim=1)
-        if x.shape[1] != self.config.in_channels:
-            raise ValueError(f"this UNet takes {self.config.in_channels} input channels, got {x.shape[1]} "
-                             "(the noisy latent plus `concat`: an inpainting / super-resolution condition?)")
-        residuals = [r.to(x.dtype) for r in adapter_residuals or []]
-
-        h = self.conv_in(x)
-        skips = [h]
-        for block in self.down_blocks:
-            residual = residuals.pop(0) if residuals else None
-            h, states = self._run(block, h, emb, context, residual)
-            skips += states
-        h = mid = self._run(self.mid_block, h, emb, context)
-        if residuals and residuals[0].shape == h.shape:        # T2I-Adapter-XL's last feature
-            h = mid = h + residuals.pop(0)
-        for block in self.up_blocks:
-            k = len(block.resnets)
-            skips, mine = skips[:-k], skips[-k:]
-            # Upsample to the size of the next skip, so odd latent sizes round-trip (10 -> 5 -> 3 -> 5 -> 10).
-            size = skips[-1].shape[-2:] if skips else None
-            h = self._run(block, h, mine, emb, context, size)
-        out = self.conv_out(self.conv_norm_out(h))
-        return (out, mid) if return_mid else out

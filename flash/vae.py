@@ -25,59 +25,104 @@ import torch.nn as nn
 from flash.layers import Attention, Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D
 
 
-@dataclass
-class VAEConfig:
-    """diffusers' AutoencoderKL config fields (those that change the network or its use)."""
-    in_channels: int = 3
-    out_channels: int = 3
-    down_block_types: tuple = ("DownEncoderBlock2D",) * 4
-    up_block_types: tuple = ("UpDecoderBlock2D",) * 4
-    block_out_channels: tuple = (128, 256, 512, 512)
-    layers_per_block: int = 2
-    latent_channels: int = 4
-    norm_num_groups: int = 32
-    sample_size: int = 512          # image side the VAE was trained at; sets the default decode tile
-    scaling_factor: float = 0.18215
-    shift_factor: float = None      # None for SD1.5 / SDXL (used by later VAEs)
-    force_upcast: bool = True       # diffusers' default; True means "run this VAE in fp32"
-    use_quant_conv: bool = True
-    use_post_quant_conv: bool = True
-    mid_block_add_attention: bool = True
+class SpatialSelfAttention(Attention):
+    """Single-head self-attention over the H*W positions, with a GroupNorm in front and a residual
+    (the VAE's mid-block attention). Keys: group_norm, to_q, to_k, to_v, to_out.0."""
 
-    @classmethod
-    def from_config_json(cls, config, source="vae config"):
-        """A diffusers config.json (a dict, or a path to the file). Unknown keys are ignored."""
-        if not isinstance(config, dict):
-            source = str(config)
-            config = json.loads(Path(config).read_text())
-        if config.get("act_fn", "silu") != "silu":
-            raise ValueError(f"{source}: act_fn={config['act_fn']!r} is not supported (only 'silu')")
-        for key in ("latents_mean", "latents_std"):
-            if config.get(key) is not None:
-                raise ValueError(f"{source}: {key} is not supported (per-channel latent statistics)")
-        names = {f.name for f in dataclasses.fields(cls)}
-        cfg = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in names})
-        cfg.validate(source)
-        return cfg
+    def __init__(self, channels, *, groups, eps=1e-6):
+        super().__init__(channels, heads=1, head_dim=channels, qkv_bias=True)
+        self.group_norm = GroupNorm(groups, channels, eps=eps)
 
-    def validate(self, source="vae config"):
-        n = len(self.block_out_channels)
-        if tuple(self.down_block_types) != ("DownEncoderBlock2D",) * n or tuple(self.up_block_types) != ("UpDecoderBlock2D",) * n:
-            raise ValueError(f"{source}: down/up_block_types must be {n} DownEncoderBlock2D / UpDecoderBlock2D, "
-                             f"got {list(self.down_block_types)} / {list(self.up_block_types)}")
-        if not isinstance(self.layers_per_block, int):
-            raise ValueError(f"{source}: layers_per_block must be one int, got {self.layers_per_block!r}")
-        bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
-        if bad:
-            raise ValueError(f"{source}: block_out_channels {bad} are not divisible by norm_num_groups={self.norm_num_groups}")
+    def forward(self, x):
+        # Views as in diffusers, not einops' copies, and f(x) + x: layout matters (flash/layers.py).
+        b, c, h, w = x.shape
+        tokens = self.group_norm(x).flatten(2).transpose(1, 2)              # (B, H*W, C)
+        out = super().forward(tokens).transpose(1, 2).reshape(b, c, h, w)   # channels-last strides
+        return out + x
 
 
-CONFIGS = {
-    # SD1.x / SD2.x / PixArt VAE. Its released config has no force_upcast key (diffusers then says True), but it
-    # runs fine in fp16, so the preset lets it.
-    "sd": VAEConfig(sample_size=512, scaling_factor=0.18215, force_upcast=False),
-    "sdxl": VAEConfig(sample_size=1024, scaling_factor=0.13025, force_upcast=True),
-}
+class MidBlock(nn.Module):
+    """resnet -> attention -> resnet at the lowest resolution."""
+
+    def __init__(self, channels, *, groups, add_attention=True):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock2D(channels, channels, groups=groups) for _ in range(2)])
+        self.attentions = nn.ModuleList([SpatialSelfAttention(channels, groups=groups)]) if add_attention else None
+
+    def forward(self, x):
+        x = self.resnets[0](x)
+        if self.attentions is not None:
+            x = self.attentions[0](x)
+        return self.resnets[1](x)
+
+
+class EncoderBlock(nn.Module):
+    """num_layers resnets, then an optional stride-2 conv (the VAE's right/bottom-padded variant)."""
+
+    def __init__(self, *, in_channels, out_channels, num_layers, groups, downsample):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels,
+                                                    groups=groups) for i in range(num_layers)])
+        self.downsamplers = nn.ModuleList([Downsample2D(out_channels, padding=0)]) if downsample else None
+
+    def forward(self, x):
+        for resnet in self.resnets:
+            x = resnet(x)
+        return x if self.downsamplers is None else self.downsamplers[0](x)
+
+
+class DecoderBlock(nn.Module):
+    """num_layers resnets, then an optional nearest x2 upsample and conv."""
+
+    def __init__(self, *, in_channels, out_channels, num_layers, groups, upsample):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels,
+                                                    groups=groups) for i in range(num_layers)])
+        self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if upsample else None
+
+    def forward(self, x):
+        for resnet in self.resnets:
+            x = resnet(x)
+        return x if self.upsamplers is None else self.upsamplers[0](x)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        ch, g, n = cfg.block_out_channels, cfg.norm_num_groups, len(cfg.block_out_channels)
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList([
+            EncoderBlock(in_channels=ch[max(i - 1, 0)], out_channels=ch[i], num_layers=cfg.layers_per_block,
+                         groups=g, downsample=i < n - 1) for i in range(n)])
+        self.mid_block = MidBlock(ch[-1], groups=g, add_attention=cfg.mid_block_add_attention)
+        self.conv_norm_out = GroupNorm(g, ch[-1], eps=1e-6, silu=True)
+        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)  # mean and logvar
+
+    def forward(self, x):
+        x = self.conv_in(x)
+        for block in self.down_blocks:
+            x = block(x)
+        return self.conv_out(self.conv_norm_out(self.mid_block(x)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        ch, g, n = cfg.block_out_channels[::-1], cfg.norm_num_groups, len(cfg.block_out_channels)
+        self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
+        self.mid_block = MidBlock(ch[0], groups=g, add_attention=cfg.mid_block_add_attention)
+        # up_blocks[0] works at the lowest resolution; one more resnet per level than the encoder.
+        self.up_blocks = nn.ModuleList([
+            DecoderBlock(in_channels=ch[max(i - 1, 0)], out_channels=ch[i], num_layers=cfg.layers_per_block + 1,
+                         groups=g, upsample=i < n - 1) for i in range(n)])
+        self.conv_norm_out = GroupNorm(g, ch[-1], eps=1e-6, silu=True)
+        self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
+
+    def forward(self, z):
+        x = self.mid_block(self.conv_in(z))
+        for block in self.up_blocks:
+            x = block(x)
+        return self.conv_out(self.conv_norm_out(x))
 
 
 class DiagonalGaussian:
@@ -99,101 +144,10 @@ class DiagonalGaussian:
         return self.mean
 
 
-class SpatialSelfAttention(Attention):
-    """Single-head self-attention over the H*W positions, with a GroupNorm in front and a residual
-    (the VAE's mid-block attention). Keys: group_norm, to_q, to_k, to_v, to_out.0."""
-
-    def __init__(self, channels, groups, eps=1e-6):
-        super().__init__(channels, heads=1, head_dim=channels, qkv_bias=True)
-        self.group_norm = GroupNorm(groups, channels, eps)
-
-    def forward(self, x):
-        b, c, h, w = x.shape
-        tokens = self.group_norm(x).flatten(2).transpose(1, 2)      # (B, H*W, C)
-        out = super().forward(tokens).transpose(1, 2).reshape(b, c, h, w)
-        return out.add_(x)   # in place into the fresh projection output
-
-
-class MidBlock(nn.Module):
-    """resnet -> attention -> resnet at the lowest resolution."""
-
-    def __init__(self, channels, groups, add_attention=True):
-        super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock2D(channels, channels, None, groups) for _ in range(2)])
-        self.attentions = nn.ModuleList([SpatialSelfAttention(channels, groups)]) if add_attention else None
-
-    def forward(self, x):
-        x = self.resnets[0](x)
-        if self.attentions is not None:
-            x = self.attentions[0](x)
-        return self.resnets[1](x)
-
-
-class EncoderBlock(nn.Module):
-    def __init__(self, in_ch, out_ch, n_layers, groups, downsample):
-        super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, None, groups)
-                                      for i in range(n_layers)])
-        self.downsamplers = nn.ModuleList([Downsample2D(out_ch, padding=0)]) if downsample else None
-
-    def forward(self, x):
-        for resnet in self.resnets:
-            x = resnet(x)
-        return x if self.downsamplers is None else self.downsamplers[0](x)
-
-
-class DecoderBlock(nn.Module):
-    def __init__(self, in_ch, out_ch, n_layers, groups, upsample):
-        super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, None, groups)
-                                      for i in range(n_layers)])
-        self.upsamplers = nn.ModuleList([Upsample2D(out_ch)]) if upsample else None
-
-    def forward(self, x):
-        for resnet in self.resnets:
-            x = resnet(x)
-        return x if self.upsamplers is None else self.upsamplers[0](x)
-
-
-class Encoder(nn.Module):
-    def __init__(self, cfg: VAEConfig):
-        super().__init__()
-        ch, g, n = cfg.block_out_channels, cfg.norm_num_groups, len(cfg.block_out_channels)
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
-        self.down_blocks = nn.ModuleList([
-            EncoderBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, g, downsample=i < n - 1) for i in range(n)])
-        self.mid_block = MidBlock(ch[-1], g, cfg.mid_block_add_attention)
-        self.conv_norm_out = GroupNorm(g, ch[-1], 1e-6, silu=True)
-        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)  # mean and logvar
-
-    def forward(self, x):
-        x = self.conv_in(x)
-        for block in self.down_blocks:
-            x = block(x)
-        return self.conv_out(self.conv_norm_out(self.mid_block(x)))
-
-
-class Decoder(nn.Module):
-    def __init__(self, cfg: VAEConfig):
-        super().__init__()
-        ch, g, n = cfg.block_out_channels[::-1], cfg.norm_num_groups, len(cfg.block_out_channels)
-        self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
-        self.mid_block = MidBlock(ch[0], g, cfg.mid_block_add_attention)
-        # up_blocks[0] works at the lowest resolution; one more resnet per level than the encoder.
-        self.up_blocks = nn.ModuleList([
-            DecoderBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, g, upsample=i < n - 1) for i in range(n)])
-        self.conv_norm_out = GroupNorm(g, ch[-1], 1e-6, silu=True)
-        self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
-
-    def forward(self, z):
-        x = self.mid_block(self.conv_in(z))
-        for block in self.up_blocks:
-            x = block(x)
-        return self.conv_out(self.conv_norm_out(x))
-
-
 class AutoencoderKL(nn.Module):
-    def __init__(self, cfg: VAEConfig = CONFIGS["sd"]):
+    """Encoder, decoder and the 1x1 convs around the latent; see the module docstring."""
+
+    def __init__(self, cfg: "VAEConfig"):
         super().__init__()
         cfg.validate()
         self.config = cfg
@@ -278,3 +232,61 @@ def _blend(prev, cur, n, dim):
     head, tail = cur.narrow(dim, 0, n), prev.narrow(dim, prev.shape[dim] - n, n)
     head.copy_(tail * (1 - w) + head * w)
     return cur
+
+
+# ----------------------------------------------------------------------------- config
+
+@dataclass
+class VAEConfig:
+    """diffusers' AutoencoderKL config fields (those that change the network or its use)."""
+    in_channels: int = 3
+    out_channels: int = 3
+    down_block_types: tuple = ("DownEncoderBlock2D",) * 4
+    up_block_types: tuple = ("UpDecoderBlock2D",) * 4
+    block_out_channels: tuple = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    sample_size: int = 512          # image side the VAE was trained at; sets the default decode tile
+    scaling_factor: float = 0.18215
+    shift_factor: float = None      # None for SD1.5 / SDXL (used by later VAEs)
+    force_upcast: bool = True       # diffusers' default; True means "run this VAE in fp32"
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+    mid_block_add_attention: bool = True
+
+    @classmethod
+    def from_config_json(cls, config, source="vae config"):
+        """A diffusers config.json (a dict, or a path to the file). Unknown keys are ignored."""
+        if not isinstance(config, dict):
+            source = str(config)
+            config = json.loads(Path(config).read_text())
+        if config.get("act_fn", "silu") != "silu":
+            raise ValueError(f"{source}: act_fn={config['act_fn']!r} is not supported (only 'silu')")
+        for key in ("latents_mean", "latents_std"):
+            if config.get(key) is not None:
+                raise ValueError(f"{source}: {key} is not supported (per-channel latent statistics)")
+        names = {f.name for f in dataclasses.fields(cls)}
+        cfg = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in names})
+        cfg.validate(source)
+        return cfg
+
+    def validate(self, source="vae config"):
+        """Raise a ValueError naming the field if this config is not one the model can build."""
+        n = len(self.block_out_channels)
+        if tuple(self.down_block_types) != ("DownEncoderBlock2D",) * n or tuple(self.up_block_types) != ("UpDecoderBlock2D",) * n:
+            raise ValueError(f"{source}: down/up_block_types must be {n} DownEncoderBlock2D / UpDecoderBlock2D, "
+                             f"got {list(self.down_block_types)} / {list(self.up_block_types)}")
+        if not isinstance(self.layers_per_block, int):
+            raise ValueError(f"{source}: layers_per_block must be one int, got {self.layers_per_block!r}")
+        bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
+        if bad:
+            raise ValueError(f"{source}: block_out_channels {bad} are not divisible by norm_num_groups={self.norm_num_groups}")
+
+
+CONFIGS = {
+    # SD1.x / SD2.x / PixArt VAE. Its released config has no force_upcast key (diffusers then says True), but it
+    # runs fine in fp16, so the preset lets it.
+    "sd": VAEConfig(sample_size=512, scaling_factor=0.18215, force_upcast=False),
+    "sdxl": VAEConfig(sample_size=1024, scaling_factor=0.13025, force_upcast=True),
+}

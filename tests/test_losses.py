@@ -168,12 +168,8 @@ def test_distillation_loss_kinds():
     a, b = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
     torch.testing.assert_close(L.distillation_loss(a, b), ((a - b) ** 2).mean())
     torch.testing.assert_close(L.distillation_loss(a, b, "l1"), (a - b).abs().mean())
-    seen = []
-    hook = lambda o, t: seen.append(o.shape) or (o - t).abs().sum(dim=(1, 2, 3))  # noqa: E731
-    torch.testing.assert_close(L.distillation_loss(a, b, "perceptual", hook), (a - b).abs().sum((1, 2, 3)).mean())
-    assert seen == [a.shape]
     with pytest.raises(ValueError):
-        L.distillation_loss(a, b, "perceptual")
+        L.distillation_loss(a, b, "perceptual")   # the reference's LPIPS option is not offered
     with pytest.raises(ValueError):
         L.distillation_loss(a, b, "l3")
 
