@@ -313,9 +313,7 @@ def build_models(args, device):
         with torch.no_grad():
             cond = {**m.uncond, **image_condition(m.pipe, blank, probe)}
             feats = features(m, torch.zeros(1, *m.latent_shape, device=device), 999, cond)
-        native = {"sd15": (1280, 8, 8), "sdxl": (1280, 32, 32)}.get(pipe.family)
-        preset = pipe.family if native == tuple(feats.shape[1:]) else None
-        m.head = DiscriminatorHead(feats.shape[1], tuple(feats.shape[2:]), preset=preset).to(device)
+        m.head = DiscriminatorHead.for_features(pipe.family, feats.shape[1:]).to(device)
     return m
 
 

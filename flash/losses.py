@@ -291,5 +291,12 @@ class DiscriminatorHead(nn.Module):
         layers = HEADS[preset](in_channels) if preset else _generic_layers(in_channels, size, width)
         self.layers = nn.Sequential(*layers)
 
+    @classmethod
+    def for_features(cls, family, shape):
+        """The reference head of `family` where the feature map `shape` (C, H, W) is its native one (1280 x 8 x 8
+        for SD1.5 at 512 px, 1280 x 32 x 32 for SDXL at 1024 px), else the generic head for that map."""
+        native = {"sd15": (1280, 8, 8), "sdxl": (1280, 32, 32)}.get(family)
+        return cls(shape[0], tuple(shape[1:]), preset=family if native == tuple(shape) else None)
+
     def forward(self, features):
         return self.layers(features).flatten(1)

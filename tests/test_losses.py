@@ -258,6 +258,19 @@ def test_native_heads_param_counts_and_shapes():
         L.DiscriminatorHead(preset="sd3")
 
 
+def test_head_for_features_picks_the_reference_head_at_native_size():
+    """The family's reference head only at its native feature map; every other map (another size, SD2, a tiny
+    model) gets the generic head sized from the map."""
+    with torch.device("meta"):
+        assert n_params(L.DiscriminatorHead.for_features("sd15", (1280, 8, 8))) == 870_720
+        assert n_params(L.DiscriminatorHead.for_features("sdxl", torch.Size([1280, 32, 32]))) == 15_748_096
+        for family, shape in [("sd15", (1280, 16, 16)), ("sd2", (1280, 8, 8)), ("sdxl", (1280, 8, 8))]:
+            head = L.DiscriminatorHead.for_features(family, shape)      # generic: one logit (the sd15 preset gives 25)
+            assert head(torch.empty(2, *shape)).shape == (2, 1)
+    tiny = L.DiscriminatorHead.for_features("sd15", (32, 4, 4))
+    assert tiny(torch.randn(2, 32, 4, 4)).shape == (2, 1)
+
+
 @pytest.mark.parametrize("c,size,downs", [(64, 4, 0), (32, 2, 0), (32, 1, 0), (32, 5, 1), (16, (8, 4), 0),
                                           (32, 8, 1), (1280, 32, 3)])
 def test_generic_head_ends_at_one_logit(c, size, downs):
