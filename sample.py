@@ -35,8 +35,13 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from flash.cli import DEFAULT_LORA, DEFAULT_MODEL, DTYPES, TASKS, Parser, default_model, parse_lora
+from flash.cli import DEFAULT_LORA, DEFAULT_MODEL, DTYPES, TASKS, Parser, default_model, dtype_name, parse_lora
+from flash.data import caption_for
+from flash.io import CheckpointError
+from flash.pipeline import default_guidance, generate
 from flash.schedule import SAMPLERS
+from weights import load_pipeline_with_loras
+
 
 def parse_args(argv=None):
     p = Parser(description=__doc__.split("\n\n")[0])
@@ -113,7 +118,6 @@ def read_prompts(args):
     if not prompts and args.model is None and args.task:     # a shipped task demo: the image alone decides
         prompts = [""]
     if not prompts and args.model is None:      # the shipped digits model: one image per digit
-        from flash.data import caption_for
         prompts = [caption_for(d) for d in range(10)]
     if not prompts:
         raise ValueError("no prompt: pass --prompt TEXT (repeatable) or --prompts-file FILE")
@@ -122,22 +126,17 @@ def read_prompts(args):
 
 def build(args):
     """Load the pipeline, cast and move it, and fuse the LoRAs into the denoiser."""
-    import weights
-    from flash.lora import load_lora
     model = Path(args.model) if args.model else default_model(args.task)
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if args.device.startswith("cuda") else torch.float32)
-    pipe = weights.load_pipeline(model, dtype=dtype)
-    pipe.to(device=args.device)
     specs = list(args.lora)
     if args.model is None and args.sampler in ("flash", "lcm") and (model / DEFAULT_LORA).is_file():
         specs.insert(0, str(model / DEFAULT_LORA))      # the shipped student; other samplers get the teacher
     args.lora = specs                                   # as used, for the PNG metadata
-    for spec in specs:
-        path, scale = parse_lora(spec)
+    loras = [parse_lora(spec) for spec in specs]
+    for path, _ in loras:
         if not Path(path).exists():
             raise FileNotFoundError(f"--lora {path}: no such file or folder")
-        # fused: several LoRAs stack, and sampling pays nothing for them
-        load_lora(pipe.denoiser, path, scale=scale, fuse=True)
+    # fused: several LoRAs stack, and sampling pays nothing for them
+    pipe = load_pipeline_with_loras(model, DTYPES[dtype_name(args.dtype, args.device)], args.device, loras, fuse=True)
     return pipe, model
 
 
@@ -230,8 +229,6 @@ def main(argv=None):
         print(f"error: the shipped default model {default_model(args.task)} is not built yet; pass --model PATH",
               file=sys.stderr)
         return 1
-    from weights import CheckpointError
-    from flash.pipeline import default_guidance, generate
     try:
         check_args(args)
         prompts = read_prompts(args)

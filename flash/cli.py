@@ -1,5 +1,5 @@
 """What the command-line scripts (sample.py, eval.py, train.py) share: the one-line argparse error, the
-dtype names, and where the shipped demo models live."""
+dtype names and their default, and where the shipped demo models live."""
 import argparse
 from pathlib import Path
 
@@ -27,6 +27,11 @@ class Parser(argparse.ArgumentParser):
 def default_model(task=None):
     """The shipped digits model folder, or its task demo weights/digits-TASK."""
     return DEFAULT_MODEL.parent / f"digits-{task}" if task else DEFAULT_MODEL
+
+
+def dtype_name(name, device):
+    """The --dtype name, or its default on `device`: fp16 on CUDA, fp32 elsewhere."""
+    return name or ("fp16" if torch.device(device).type == "cuda" else "fp32")
 
 
 def parse_lora(spec):

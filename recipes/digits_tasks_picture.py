@@ -20,11 +20,12 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import weights  # noqa: E402
+from flash.cli import DEFAULT_LORA  # noqa: E402
 from flash.data import Digits, caption_for  # noqa: E402
-from flash.lora import load_lora, lora_disabled  # noqa: E402
+from flash.lora import lora_disabled  # noqa: E402
 from flash.pipeline import generate  # noqa: E402
-from flash.tasks import task_inputs  # noqa: E402
+from flash.tasks import downsample, edge_map, task_inputs  # noqa: E402
+from weights import load_pipeline_with_loras  # noqa: E402
 
 SCALE = 2          # nearest-neighbour zoom of the 32 px digits
 
@@ -49,8 +50,8 @@ def rows_for(pipe, images, prompts, factor):
 
 
 def picture(model):
-    pipe = weights.load_pipeline(model)
-    load_lora(pipe.denoiser, Path(model) / "flash_lora.safetensors")
+    # the LoRA attached, not fused: rows_for switches it off for the teacher
+    pipe = load_pipeline_with_loras(model, loras=[(Path(model) / DEFAULT_LORA, 1.0)], fuse=False)
     images, prompts = held_out_examples()
     rows = []
     for factor in ((2, 4) if pipe.task == "upscale" else (2,)):
@@ -82,7 +83,6 @@ def stack(out, runs):
 def examples(folder):
     """sample.py inputs made from the held-out digit 7: digit.png, hole.png (white = repaint), small.png
     (8 px, for --upscale 4) and edges.png (its edge map)."""
-    from flash.tasks import downsample, edge_map
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     images, _ = held_out_examples()

@@ -80,7 +80,7 @@ def test_vae_objective_trains_the_vae_and_sets_the_latent_scale(tmp_path):
 
 @shipped
 def test_shipped_student_prompt_accuracy():
-    import eval as evaluation
+    from flash import evaluate as evaluation
     import weights
     from flash.lora import load_lora
     from flash.metrics import load_digit_classifier, prompt_accuracy
@@ -168,7 +168,7 @@ def test_shipped_task_students():
     accuracy, and each task's own measure, above floors set below the README's 500-image values (inpaint
     99.4%; upscale 4x PSNR 21.4 dB vs bicubic 16.8; adapter edge F1 0.825 vs 0.579 for another digit of the
     same class)."""
-    import eval_tasks
+    from flash import evaluate_tasks as eval_tasks
     import weights
     from flash.lora import load_lora
     from flash.metrics import load_digit_classifier, prompt_accuracy

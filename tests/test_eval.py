@@ -1,7 +1,8 @@
-"""eval.py end to end on a tiny random digits pipeline (recipes/digits_init.py's architecture, random
-weights, so FID is large and accuracy near chance: the test checks the protocol, not the model): the table
-and JSON fields, NFE counted from the denoiser calls (CFG doubles it), reproducibility and batch
-independence of the per-image seeds, the --rows preset with a LoRA student, and one-line errors.
+"""eval.py and flash/evaluate.py end to end on a tiny random digits pipeline (recipes/digits_init.py's
+architecture, random weights, so FID is large and accuracy near chance: the test checks the protocol, not
+the model): the table and JSON fields, NFE counted from the denoiser calls (CFG doubles it),
+reproducibility and batch independence of the per-image seeds, the --rows preset with a LoRA student, and
+one-line errors.
 
 Needs the digits data and the FID Inception weights (`python -m flash.data fetch`, `python -m flash.metrics
 fetch`); the real set is cut to a few images with --real so the Inception runs on tens of images.
@@ -14,13 +15,14 @@ import math
 import pytest
 import torch
 
+from flash import evaluate
 from flash.data import DIGITS_FILE
 from flash.lora import inject_lora, save_lora
 from flash.metrics import INCEPTION_FILE
 from recipes.digits_init import build as build_digits
 from weights.save import save_pipeline
 
-evaluate = importlib.import_module("eval")
+eval_cli = importlib.import_module("eval")          # the script; `import eval` would shadow the builtin
 
 needs_data = pytest.mark.skipif(not (DIGITS_FILE.is_file() and INCEPTION_FILE.is_file()),
                                 reason="digits data or FID Inception absent: run `python -m flash.data fetch` "
@@ -50,7 +52,7 @@ def cache(tmp_path, monkeypatch):
 
 
 def run(capsys, *argv):
-    rc = evaluate.main([*map(str, argv), "--no-progress"])
+    rc = eval_cli.main([*map(str, argv), "--no-progress"])
     out, err = capsys.readouterr()
     return rc, out, err
 
@@ -134,7 +136,7 @@ def test_errors_are_one_line(model, capsys, argv, needle):
     if "--model" not in argv:
         argv = ["--model", str(model / "pipe"), *argv]
     try:
-        rc = evaluate.main(argv)
+        rc = eval_cli.main(argv)
     except SystemExit as e:                          # argparse's own errors exit from parse_args
         rc = e.code
     err = capsys.readouterr().err

@@ -1,6 +1,6 @@
-"""eval.py --task (eval_tasks.py) on tiny random task pipelines (recipes/digits_init.py's small digits
-pipeline widened by recipes/digits_tasks_init.py, random weights: the test checks the protocol, not the
-models): the inputs made per image from its own generator (reproducible, independent of --batch), the
+"""eval.py --task (flash/evaluate_tasks.py) on tiny random task pipelines (recipes/digits_init.py's small
+digits pipeline widened by recipes/digits_tasks_init.py, random weights: the test checks the protocol, not
+the models): the inputs made per image from its own generator (reproducible, independent of --batch), the
 metrics (PSNR in the hole of the composite, PSNR of the upscaled image, edge F1), the --rows presets with a
 LoRA student (NFE, bicubic baseline, teacher rows unaffected by the LoRA), and one-line errors.
 
@@ -13,6 +13,7 @@ import json
 import pytest
 import torch
 
+from flash import evaluate, evaluate_tasks
 from flash.data import DIGITS_FILE, Digits, caption_for
 from flash.lora import inject_lora, save_lora
 from flash.metrics import INCEPTION_FILE
@@ -21,8 +22,7 @@ from recipes.digits_init import build as build_digits
 from recipes.digits_tasks_init import new_adapter, widen
 from weights.save import save_pipeline
 
-evaluate = importlib.import_module("eval")
-eval_tasks = importlib.import_module("eval_tasks")
+eval_cli = importlib.import_module("eval")          # the script; `import eval` would shadow the builtin
 
 needs_data = pytest.mark.skipif(not (DIGITS_FILE.is_file() and INCEPTION_FILE.is_file()),
                                 reason="digits data or FID Inception absent: run `python -m flash.data fetch` "
@@ -50,7 +50,7 @@ def task_pipeline(task, seed=1):
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """{task: folder} with a random LoRA (lora.safetensors) beside each pipeline."""
-    root = tmp_path_factory.mktemp("eval_tasks")
+    root = tmp_path_factory.mktemp("evaluate_tasks")
     folders = {}
     for task in ("inpaint", "upscale", "adapter", "text-to-image"):
         pipe = build_digits(seed=1, preset="small") if task == "text-to-image" else task_pipeline(task)
@@ -73,7 +73,7 @@ def cache(tmp_path, monkeypatch):
 
 def run_json(capsys, tmp_path, *argv):
     path = tmp_path / "out.json"
-    rc = evaluate.main([*map(str, argv), "--no-progress", "--json", str(path)])
+    rc = eval_cli.main([*map(str, argv), "--no-progress", "--json", str(path)])
     out, err = capsys.readouterr()
     assert rc == 0, err
     rows = [line for line in out.splitlines() if line.startswith("|")]
@@ -85,7 +85,7 @@ def run_json(capsys, tmp_path, *argv):
 
 @needs_data
 def test_inputs_are_the_held_out_digits_with_per_image_masks():
-    a = eval_tasks.make_inputs("inpaint", 6, seed=3)
+    a = evaluate_tasks.make_inputs("inpaint", 6, seed=3)
     test = Digits("test")
     assert torch.equal(a.images, test.images[:6]) and a.labels == test.labels[:6].tolist()
     assert a.prompts == [caption_for(label) for label in a.labels] and a.prompts[0].startswith("a handwritten digit")
@@ -94,15 +94,15 @@ def test_inputs_are_the_held_out_digits_with_per_image_masks():
     assert torch.equal(image, (test.images[:6] + 1) / 2)
     assert len({m.sum().item() for m in mask}) > 1                       # one box per image, not one for all
     # Image i's mask depends only on (seed, i): the first 3 of a 3-image run are the same.
-    assert torch.equal(eval_tasks.make_inputs("inpaint", 3, seed=3).kwargs["mask"], mask[:3])
-    assert not torch.equal(eval_tasks.make_inputs("inpaint", 3, seed=4).kwargs["mask"], mask[:3])
+    assert torch.equal(evaluate_tasks.make_inputs("inpaint", 3, seed=3).kwargs["mask"], mask[:3])
+    assert not torch.equal(evaluate_tasks.make_inputs("inpaint", 3, seed=4).kwargs["mask"], mask[:3])
     # The generator goes on from after the mask draw (inpaint), or from its seed (nothing drawn).
     g = torch.Generator().manual_seed(evaluate.image_seed(3, 0))
     assert not torch.equal(a.states[0], g.get_state())
-    up = eval_tasks.make_inputs("upscale", 2, seed=3, factor=4)
+    up = evaluate_tasks.make_inputs("upscale", 2, seed=3, factor=4)
     assert torch.equal(up.states[0], g.get_state()) and up.kwargs["upscale"] == 4
     assert torch.allclose(up.kwargs["image"], (downsample(test.images[:2], 4) + 1) / 2)
-    ad = eval_tasks.make_inputs("adapter", 2)
+    ad = evaluate_tasks.make_inputs("adapter", 2)
     assert torch.equal(ad.kwargs["adapter_image"], edge_map(test.images[:2]))
     # The same-class baseline: another held-out digit of the same label, the next one in order.
     j = [k for k in range(1, 500) if test.labels[k] == test.labels[0]][0]
@@ -116,11 +116,12 @@ def test_outputs_do_not_depend_on_the_batch():
     lcm's re-noising."""
     task = "inpaint"
     pipe = task_pipeline(task)
-    inputs = eval_tasks.make_inputs(task, 4, seed=2)
-    row = eval_tasks.TaskRow("t", "lcm", 2, 0.0)        # lcm re-noises: the per-image generators feed it too
-    a, nfe, _ = eval_tasks.generate_row(pipe, row, inputs, batch=4, progress=False)
-    b, _, _ = eval_tasks.generate_row(pipe, row, inputs, batch=3, progress=False)
-    c, _, _ = eval_tasks.generate_row(pipe, row, eval_tasks.make_inputs(task, 4, seed=5), batch=4, progress=False)
+    inputs = evaluate_tasks.make_inputs(task, 4, seed=2)
+    row = evaluate_tasks.TaskRow("t", "lcm", 2, 0.0)        # lcm re-noises: the per-image generators feed it too
+    a, nfe, _ = evaluate_tasks.generate_row(pipe, row, inputs, batch=4, progress=False)
+    b, _, _ = evaluate_tasks.generate_row(pipe, row, inputs, batch=3, progress=False)
+    other = evaluate_tasks.make_inputs(task, 4, seed=5)
+    c, _, _ = evaluate_tasks.generate_row(pipe, row, other, batch=4, progress=False)
     assert nfe == 2 and a.shape == (4, 3, 32, 32)
     assert (a - b).abs().max() < 1e-5
     assert (a - c).abs().max() > 1e-2
@@ -131,11 +132,11 @@ def test_psnr():
     y = x.clone()
     y[0] += 0.1                                             # MSE 0.01 -> 20 dB
     y[1, :, :2] = 1                                         # only in the top half of image 1
-    assert torch.allclose(eval_tasks.psnr(y, x)[0], torch.tensor(20.0))
+    assert torch.allclose(evaluate_tasks.psnr(y, x)[0], torch.tensor(20.0))
     top = torch.zeros(2, 1, 4, 4)
     top[:, :, :2] = 1
-    assert torch.allclose(eval_tasks.psnr(y, x, top), torch.tensor([20.0, 0.0]))        # MSE 1 in the hole
-    assert torch.allclose(eval_tasks.psnr(y, x, 1 - top)[1], torch.tensor(100.0))      # none outside: clamped
+    assert torch.allclose(evaluate_tasks.psnr(y, x, top), torch.tensor([20.0, 0.0]))        # MSE 1 in the hole
+    assert torch.allclose(evaluate_tasks.psnr(y, x, 1 - top)[1], torch.tensor(100.0))      # none outside: clamped
 
 
 @needs_data
@@ -144,24 +145,24 @@ def test_score_uses_the_composite_and_the_conditions():
     inception, classifier = load_inception(), load_digit_classifier()
     real, _ = evaluate.real_digits(10)
     feats = evaluate.real_features(inception, real, "cpu")
-    inputs = eval_tasks.make_inputs("inpaint", 4)
+    inputs = evaluate_tasks.make_inputs("inpaint", 4)
     original = (inputs.images + 1) / 2
-    row = eval_tasks.TaskRow("t", "flash", 4, 0.0)
-    blank = eval_tasks.score("inpaint", row, torch.zeros_like(original), inputs, 4, 1.0, feats, inception,
+    row = evaluate_tasks.TaskRow("t", "flash", 4, 0.0)
+    blank = evaluate_tasks.score("inpaint", row, torch.zeros_like(original), inputs, 4, 1.0, feats, inception,
                              classifier, "cpu")
-    ideal = eval_tasks.score("inpaint", row, original, inputs, 4, 1.0, feats, inception, classifier, "cpu")
+    ideal = evaluate_tasks.score("inpaint", row, original, inputs, 4, 1.0, feats, inception, classifier, "cpu")
     # Outside the hole the composite is the original: a fill with the original itself scores 100 dB.
     assert ideal.psnr == pytest.approx(100.0) and blank.psnr < 20 and ideal.fid < blank.fid
     assert ideal.nfe_per_image == 4 and ideal.seconds_per_image == 0.25 and ideal.task == "inpaint"
 
-    up = eval_tasks.make_inputs("upscale", 4, factor=2)
+    up = evaluate_tasks.make_inputs("upscale", 4, factor=2)
     bicubic = (upsample(up.kwargs["image"] * 2 - 1, 32) + 1) / 2
-    r = eval_tasks.score("upscale", row, bicubic, up, 0, 1.0, feats, inception, classifier, "cpu")
-    assert r.psnr == pytest.approx(eval_tasks.psnr(bicubic, original).mean().item()) and 10 < r.psnr < 40
-    ad = eval_tasks.make_inputs("adapter", 4)
-    assert eval_tasks.score("adapter", row, original, ad, 0, 1.0, feats, inception, classifier,
+    r = evaluate_tasks.score("upscale", row, bicubic, up, 0, 1.0, feats, inception, classifier, "cpu")
+    assert r.psnr == pytest.approx(evaluate_tasks.psnr(bicubic, original).mean().item()) and 10 < r.psnr < 40
+    ad = evaluate_tasks.make_inputs("adapter", 4)
+    assert evaluate_tasks.score("adapter", row, original, ad, 0, 1.0, feats, inception, classifier,
                             "cpu").edge_f1 == pytest.approx(1.0)
-    assert eval_tasks.score("adapter", row, torch.full_like(original, 0.5), ad, 0, 1.0, feats, inception,
+    assert evaluate_tasks.score("adapter", row, torch.full_like(original, 0.5), ad, 0, 1.0, feats, inception,
                             classifier, "cpu").edge_f1 == 0
 
 
@@ -201,28 +202,28 @@ def test_upscale_one_row_per_factor(models, tmp_path, capsys):
 @needs_data
 def test_baseline_rows(models):
     import weights
-    assert [(r.name, r.sampler) for r in eval_tasks.readme_rows("adapter")][:3] == [
+    assert [(r.name, r.sampler) for r in evaluate_tasks.readme_rows("adapter")][:3] == [
         ("same class, other digit", "real"), ("VAE reconstruction", "vae"), ("teacher", "dpm++2m")]
-    assert [(r.sampler, r.factor) for r in eval_tasks.readme_rows("upscale", factors=[2, 4])][::5] == [
+    assert [(r.sampler, r.factor) for r in evaluate_tasks.readme_rows("upscale", factors=[2, 4])][::5] == [
         ("vae", None), ("flash", 2), ("flash", 4)]
-    assert [(r.sampler, r.factor) for r in eval_tasks.readme_rows("upscale", factors=[2, 4])][1::5] == [
+    assert [(r.sampler, r.factor) for r in evaluate_tasks.readme_rows("upscale", factors=[2, 4])][1::5] == [
         ("bicubic", 2), ("bicubic", 4)]
     pipe = weights.load_pipeline(models["adapter"] / "pipe")
-    inputs = eval_tasks.make_inputs("adapter", 3)
-    out, nfe, _ = eval_tasks.generate_row(pipe, eval_tasks.readme_rows("adapter")[0], inputs, progress=False)
+    inputs = evaluate_tasks.make_inputs("adapter", 3)
+    out, nfe, _ = evaluate_tasks.generate_row(pipe, evaluate_tasks.readme_rows("adapter")[0], inputs, progress=False)
     assert nfe == 0 and torch.equal(out, (inputs.same_class + 1) / 2)
-    inputs = eval_tasks.make_inputs("upscale", 3, factor=4)
-    vae_row = eval_tasks.readme_rows("upscale", factors=[4])[0]
-    out, nfe, _ = eval_tasks.generate_row(pipe, vae_row, inputs, progress=False)
+    inputs = evaluate_tasks.make_inputs("upscale", 3, factor=4)
+    vae_row = evaluate_tasks.readme_rows("upscale", factors=[4])[0]
+    out, nfe, _ = evaluate_tasks.generate_row(pipe, vae_row, inputs, progress=False)
     with torch.no_grad():
         expected = (pipe.vae.decode(pipe.vae.encode(inputs.images).mean).clamp(-1, 1) + 1) / 2
     assert nfe == 0 and torch.allclose(out, expected)
-    row = eval_tasks.readme_rows("upscale", factors=[4])[1]
-    out, nfe, seconds = eval_tasks.generate_row(pipe, row, inputs, progress=False)
+    row = evaluate_tasks.readme_rows("upscale", factors=[4])[1]
+    out, nfe, seconds = evaluate_tasks.generate_row(pipe, row, inputs, progress=False)
     assert nfe == 0 and torch.allclose(out, (upsample(inputs.kwargs["image"] * 2 - 1, 32) + 1) / 2)
-    result = eval_tasks.TaskResult(row.name, row.sampler, row.steps, row.guidance, 3, nfe, 50.0, 0.5,
+    result = evaluate_tasks.TaskResult(row.name, row.sampler, row.steps, row.guidance, 3, nfe, 50.0, 0.5,
                                    seconds / 3, 3 / seconds, "upscale", 4, psnr=21.0)
-    text = eval_tasks.table("upscale", [result], 0.98, 10)
+    text = evaluate_tasks.table("upscale", [result], 0.98, 10)
     assert "| bicubic | bicubic | - | - | 4x | 0 | 21.00 | 50.00 | 50.0% |" in text
     assert len({line.count("|") for line in text.splitlines() if line.startswith("|")}) == 1
 
@@ -254,7 +255,7 @@ def test_errors_are_one_line(models, capsys, argv, needle):
     if "--model" not in argv:
         argv = ["--model", str(models["inpaint"] / "pipe"), *argv]
     try:
-        rc = evaluate.main([*argv, "--real", "10"])
+        rc = eval_cli.main([*argv, "--real", "10"])
     except SystemExit as e:                          # argparse's own errors exit from parse_args
         rc = e.code
     err = capsys.readouterr().err

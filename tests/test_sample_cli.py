@@ -296,7 +296,7 @@ def test_shipped_task_demo(tasks, tmp_path, monkeypatch):
     shutil.copytree(folders["inpaint"], shipped)
     lora = shipped / "flash_lora.safetensors"
     bad_lora(lora)                                     # matches no module: fusing it must fail, loudly
-    monkeypatch.setattr(sample, "DEFAULT_MODEL", tmp_path / "weights" / "digits")
+    monkeypatch.setattr(flash.cli, "DEFAULT_MODEL", tmp_path / "weights" / "digits")
     argv = ["--task", "inpaint", "--image", str(files["image"]), "--mask", str(files["mask"]), "--steps", "2",
             "--out", str(tmp_path / "x.png")]
     assert sample.main(argv + ["--sampler", "ddim"]) == 0            # the teacher: no LoRA
@@ -333,7 +333,7 @@ def test_shipped_task_demo(tasks, tmp_path, monkeypatch):
 def test_task_errors_one_line(model, tasks, tmp_path, capsys, monkeypatch, case, needle):
     folders, files = tasks
     t2i, _ = model
-    monkeypatch.setattr(sample, "DEFAULT_MODEL", folders["inpaint"].parent / "digits")   # digits-inpaint absent
+    monkeypatch.setattr(flash.cli, "DEFAULT_MODEL", folders["inpaint"].parent / "digits")   # digits-inpaint absent
     shipped = folders["inpaint"].parent / "digits-adapter"
     shipped.mkdir(exist_ok=True)
     inpaint = ["--model", folders["inpaint"], "--prompt", "a 7", "--out", tmp_path / "x.png"]

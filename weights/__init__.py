@@ -2,7 +2,7 @@
 re-exports are the public API: keep them stable."""
 from flash.io import CheckpointError, read_safetensors, read_weights, write_safetensors
 from flash.tokenizer import load_tokenizer
-from weights.pipeline import load_pipeline
+from weights.pipeline import load_pipeline, load_pipeline_with_loras
 from weights.pixart import load_transformer
 from weights.save import save_pipeline
 from weights.sd import load_adapter, load_unet, load_vae
@@ -10,4 +10,4 @@ from weights.text import load_text_encoder
 
 __all__ = ["CheckpointError", "read_safetensors", "read_weights", "write_safetensors", "load_tokenizer",
            "load_text_encoder", "load_unet", "load_vae", "load_adapter", "load_transformer", "load_pipeline",
-           "save_pipeline"]
+           "load_pipeline_with_loras", "save_pipeline"]

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from flash import clip
+from flash.lora import load_lora
 from flash.pipeline import Pipeline
 from flash.tokenizer import CLIP_EOS, clip_tokenizer, load_tokenizer, read_clip_vocab
 from flash.io import CheckpointError, load_into, read_config, read_safetensors, refuse_pickle
@@ -116,6 +117,16 @@ def load_pipeline(path, dtype=torch.float32, variant=None, family=None, predicti
         pipe.scheduler_config = {**pipe.scheduler_config, "prediction_type": prediction_type}
     if pipe.task == "text-to-image" and pipe.unet is not None and pipe.unet.config.in_channels == 9:
         pipe.task = "inpaint"     # a single file, or a text-to-image folder holding an inpainting UNet
+    return pipe
+
+
+def load_pipeline_with_loras(path, dtype=torch.float32, device="cpu", loras=(), fuse=True):
+    """load_pipeline(path, dtype) moved to `device`, with each (LoRA path, scale) of `loras` loaded into its
+    denoiser (flash.lora.load_lora): fused (several stack, and sampling pays nothing for them; sample.py) or
+    attached as adapters (one, switched off for the teacher and fused for the student; eval.py)."""
+    pipe = load_pipeline(path, dtype=dtype).to(device=device)
+    for lora, scale in loras:
+        load_lora(pipe.denoiser, lora, scale=scale, fuse=fuse)
     return pipe
 
 

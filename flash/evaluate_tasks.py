@@ -1,23 +1,21 @@
-"""eval.py --task: an inpainting, super-resolution ("upscale") or adapter model (flash/tasks.py) evaluated on
-the held-out digits, teacher against Flash student, as a markdown table.
+"""The digits evaluation of an inpainting, super-resolution ("upscale") or adapter model (flash/tasks.py) on
+the held-out digits, teacher against Flash student, as a markdown table (eval.py --task is its command
+line). It reuses flash/evaluate.py's pieces: the per-image seeds, the timed batches, the cached real
+features, the LoRA rule of the rows.
 
-    python eval.py --task inpaint --rows            # weights/digits-inpaint and its flash_lora.safetensors
-    python eval.py --task upscale --rows --upscale 4
-    python eval.py --task adapter --model runs/x/final --lora runs/x/lora.safetensors --sampler flash --steps 4
-
-Protocol (fixed, so a rerun reproduces the numbers; eval.py's rules otherwise):
+Protocol (fixed, so a rerun reproduces the numbers; flash/evaluate.py's rules otherwise):
 - Input i (i = 0..n-1, n <= 500) is held-out digit i (flash.data.Digits("test"), in its stored order, so the
   classes are mixed), prompted with flash.data.caption_for(its label). Its torch.Generator("cpu"), seeded
   with seed * 2^20 + i, first draws the task input with flash.tasks.task_inputs (inpaint: one random box
   mask, 30-70% of each side; upscale: nothing, the low-res image is the digit area-downsampled by the factor;
   adapter: nothing, the condition is the digit's Sobel edge map), then goes on, in every row, to draw that
   image's noise (and the inpainting posterior sample, and any sampler re-noising). So every row sees the
-  same inputs and starts image i from the same noise, whatever --batch.
-- FID as eval.py (the n outputs against the --real held-out digits). For inpainting the FID and accuracy
-  are of the COMPOSITES (the original outside the hole, the output inside), what an inpainting user keeps;
-  their unmasked pixels are the held-out digits themselves, so the FID is lower than a text-to-image one
-  and compares inpainting rows with each other only.
-- Prompt accuracy: the shipped digit classifier on the outputs (composites), as eval.py.
+  same inputs and starts image i from the same noise, whatever the batch.
+- FID as flash/evaluate.py (the n outputs against the real held-out digits). For inpainting the FID and
+  accuracy are of the COMPOSITES (the original outside the hole, the output inside), what an inpainting user
+  keeps; their unmasked pixels are the held-out digits themselves, so the FID is lower than a text-to-image
+  one and compares inpainting rows with each other only.
+- Prompt accuracy: the shipped digit classifier on the outputs (composites), as flash/evaluate.py.
 - inpaint: PSNR inside the hole: per image, 10 log10(1 / MSE) over the masked pixels (images in [0, 1]),
   averaged over images; how close the fill comes to the digit that was there (a plausible fill of another
   shape is penalised: read it together with FID).
@@ -26,14 +24,15 @@ Protocol (fixed, so a rerun reproduces the numbers; eval.py's rules otherwise):
   (flash.tasks.upsample, the image the model is conditioned on; NFE 0).
 - adapter: edge agreement, the mean per-image F1 of flash.tasks.edge_map(output) against the input edge map
   on exact pixels (flash.tasks.edge_agreement), at adapter scale 1. Centred digits share many edge pixels
-  on a 32 px canvas, so the F1 has a high floor: the "same class" baseline row
-  scores, as the output for input i, the next held-out digit of the same class (no model; NFE 0), i.e.
-  what a model that draws the right digit but ignores the edges would get.
-- NFE per image and seconds per image as eval.py (the task condition's VAE encode counts in the time).
---rows: the teacher with DPM-Solver++ 2M at 25 and 4 steps with CFG (--guidance, default 3; the image
-condition is in both CFG branches) and the Flash student (the teacher + its LoRA) at 4 and 2 steps without
-CFG; for upscale, preceded by the bicubic row, for each factor; for adapter, by the same-class row. Every
-task's table starts with a "VAE reconstruction" row: the held-out digit itself encoded and decoded (posterior
+  on a 32 px canvas, so the F1 has a high floor: the "same class" baseline row scores, as the output for
+  input i, the next held-out digit of the same class (no model; NFE 0), i.e. what a model that draws the
+  right digit but ignores the edges would get.
+- NFE per image and seconds per image as flash/evaluate.py (the task condition's VAE encode counts in the
+  time).
+The README rows (readme_rows): the teacher with DPM-Solver++ 2M at 25 and 4 steps with CFG (default 3; the
+image condition is in both CFG branches) and the Flash student (the teacher + its LoRA) at 4 and 2 steps
+without CFG; for upscale, preceded by the bicubic row, for each factor; for adapter, by the same-class row.
+Every task's table starts with a "VAE reconstruction" row: the held-out digit itself encoded and decoded (posterior
 mean; for inpainting composited like the outputs), the reference for models that decode through this VAE:
 on the digits VAE its FID against the real digits is ~61 (a model need not reproduce the reconstructions'
 artefacts, so its FID can come out lower, but PSNR near it is as close as the VAE lets an output get).
@@ -43,7 +42,10 @@ from dataclasses import dataclass
 
 import torch
 
-from eval import (TEACHER_GUIDANCE, Result, image_seed, load_models, lora_mode, real_features, timed_batches)
+from flash.data import Digits, caption_for
+from flash.evaluate import TEACHER_GUIDANCE, Result, Row, image_seed, lora_mode, real_features, timed_batches
+from flash.metrics import fid_from_features, inception_features, prompt_accuracy
+from flash.pipeline import generate
 from flash.tasks import UPSCALE_FACTORS, edge_agreement, edge_map, task_inputs, upsample
 
 METRIC = {"inpaint": ("psnr", "PSNR in hole (dB)"), "upscale": ("psnr", "PSNR (dB)"),
@@ -51,12 +53,7 @@ METRIC = {"inpaint": ("psnr", "PSNR in hole (dB)"), "upscale": ("psnr", "PSNR (d
 
 
 @dataclass
-class TaskRow:
-    name: str
-    sampler: str
-    steps: int
-    guidance: float
-    student: bool = False        # with the LoRA
+class TaskRow(Row):              # flash/evaluate.py's row plus the upscale factor
     factor: int = None           # upscale only
 
 
@@ -87,7 +84,6 @@ class Inputs:
 
 def make_inputs(task, n, seed=0, factor=2):
     """The task inputs of held-out digits 0..n-1 (module docstring), one generator per image."""
-    from flash.data import Digits, caption_for
     test = Digits("test")
     images, labels = test.images[:n], test.labels[:n].tolist()
     per_image, states = [], []
@@ -105,7 +101,6 @@ def make_inputs(task, n, seed=0, factor=2):
 
 def generate_row(pipe, row, inputs, batch=50, progress=True):
     """The row's outputs for all inputs -> (images (n, 3, H, W) in [0, 1], NFE per image, seconds)."""
-    from flash.pipeline import generate
     n = len(inputs.images)
 
     def condition(first, count):
@@ -144,7 +139,7 @@ def psnr(x, y, weight=None):
 
 
 @dataclass
-class TaskResult(Result):        # eval.py's row result plus the task's own measures
+class TaskResult(Result):        # flash/evaluate.py's row result plus the task's own measures
     task: str
     factor: int = None           # upscale
     psnr: float = None           # inpaint (inside the hole), upscale (whole image)
@@ -152,7 +147,6 @@ class TaskResult(Result):        # eval.py's row result plus the task's own meas
 
 
 def score(task, row, images, inputs, nfe, seconds, real_feats, inception, classifier, device, batch=50):
-    from flash.metrics import fid_from_features, inception_features, prompt_accuracy
     original = (inputs.images.float() + 1) / 2
     extra = {}
     if task == "inpaint":
@@ -183,7 +177,8 @@ def table(task, results, classifier_accuracy, real_count):
         value = f"{value:.2f}" if key == "psnr" else f"{value:.3f}"
         speed = (f"{r.seconds_per_image:.4f} | {r.images_per_second:.1f}" if r.nfe_per_image
                  else "- | -")                  # the baseline rows run no model
-        lines.append(f"| {r.name} | {r.sampler} | {r.steps or '-'} | {cfg} | " + (f"{r.factor}x | " if r.factor else "- | ") * factor +
+        factor_cell = (f"{r.factor}x | " if r.factor else "- | ") * factor
+        lines.append(f"| {r.name} | {r.sampler} | {r.steps or '-'} | {cfg} | {factor_cell}"
                      f"{r.nfe_per_image:g} | {value} | {r.fid:.2f} | {100 * r.prompt_accuracy:.1f}% | {speed} |")
     n = results[0].n if results else 0
     what = {"inpaint": "composites (original outside the hole, output inside)", "upscale": "outputs",
@@ -194,23 +189,15 @@ def table(task, results, classifier_accuracy, real_count):
     return "\n".join(lines)
 
 
-# -- main --------------------------------------------------------------------------------------------
+# -- the evaluation ----------------------------------------------------------------------------------
 
-def evaluate(args, model, lora):
-    """Load, generate and score every row of args.task -> (results, classifier accuracy on real digits)."""
-    from flash.pipeline import default_guidance
-    task, device = args.task, torch.device(args.device)
-    pipe, real, inception, classifier, classifier_accuracy = load_models(args, model, lora, task)
-    factors = sorted(set(args.upscale or UPSCALE_FACTORS)) if task == "upscale" else [None]
-    if args.rows:
-        rows = readme_rows(task, TEACHER_GUIDANCE if args.guidance is None else args.guidance, factors)
-    else:
-        sampler = args.sampler or "flash"
-        guidance = default_guidance(sampler) if args.guidance is None else args.guidance
-        rows = [TaskRow("student" if lora else "model", sampler, args.steps or 4, guidance, lora is not None, f)
-                for f in factors]
-    real_feats = real_features(inception, real, device)
-    inputs = {f: make_inputs(task, args.n, args.seed, f or 2) for f in factors}
+def evaluate_task(pipe, task, rows, metrics, n, seed=0, batch=50, progress=True):
+    """Generate and score every row on the first n held-out digits (the student rows need the LoRA attached
+    to pipe.denoiser, see flash.evaluate.lora_mode) -> results in the order of `rows`; the teacher rows run
+    first. Upscale rows are made from the inputs of their factor."""
+    factors = sorted({row.factor for row in rows if row.factor}) or [None]
+    real_feats = real_features(metrics.inception, metrics.real, metrics.device)
+    inputs = {f: make_inputs(task, n, seed, f or 2) for f in factors}
 
     results = {}
 
@@ -220,10 +207,11 @@ def evaluate(args, model, lora):
     for i in sorted(range(len(rows)), key=lambda i: rows[i].student):   # teacher rows first
         row = rows[i]
         with lora_mode(pipe, row):
-            images, nfe, seconds = generate_row(pipe, row, source(row), args.batch, not args.no_progress)
-        results[i] = score(task, row, images, source(row), nfe, seconds, real_feats, inception, classifier, device)
+            images, nfe, seconds = generate_row(pipe, row, source(row), batch, progress)
+        results[i] = score(task, row, images, source(row), nfe, seconds, real_feats, metrics.inception,
+                           metrics.classifier, metrics.device)
         r, (key, head) = results[i], METRIC[task]
         print(f"eval: {task} {row.name} {row.sampler} {row.steps} steps{f' x{row.factor}' if row.factor else ''}: "
               f"{head} {getattr(r, key):.3f}, FID {r.fid:.2f}, prompt accuracy {100 * r.prompt_accuracy:.1f}%",
               file=sys.stderr)
-    return [results[i] for i in range(len(rows))], classifier_accuracy
+    return [results[i] for i in range(len(rows))]
