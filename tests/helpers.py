@@ -11,6 +11,10 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5Tokenizer
 
+from flash.tasks import extra_channels
+from recipes.digits_init import build as build_digits
+from recipes.digits_tasks_init import new_adapter, widen
+
 ROOT = Path(__file__).resolve().parent.parent
 VOCAB = ROOT / "weights" / "clip_vocab"
 
@@ -109,4 +113,24 @@ def make_sd15(folder):
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD15_SCHEDULER))
+    return pipe
+
+
+# ------------------------------------------------------------------------------ the digits task pipelines
+
+def task_pipeline(task, seed=1):
+    """The small random digits pipeline made into a `task` one; the new weights perturbed, so the
+    condition reaches the output (digits_tasks_init zero-initialises them)."""
+    pipe = build_digits(seed=seed, preset="small")
+    g = torch.Generator().manual_seed(seed)
+    if task == "adapter":
+        pipe.adapter = new_adapter(pipe.unet, pipe.vae_scale_factor, seed)
+        with torch.no_grad():
+            for p in pipe.adapter.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    else:
+        pipe.unet = widen(pipe.unet, extra_channels(task, pipe.vae.config.latent_channels))
+        with torch.no_grad():
+            pipe.unet.conv_in.weight[:, 4:] = torch.randn(pipe.unet.conv_in.weight[:, 4:].shape, generator=g) * 0.1
+    pipe.task = task
     return pipe

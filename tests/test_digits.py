@@ -18,11 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from train_helpers import ROOT, make_images, make_tiny_sd  # noqa: E402
-
-sys.path.insert(0, str(ROOT / "recipes"))
-import train_vae  # noqa: E402
+from recipes import train_vae
+from train_helpers import ROOT, make_images, make_tiny_sd
 
 SHIPPED = ROOT / "weights" / "digits"
 LORA = SHIPPED / "flash_lora.safetensors"

@@ -17,9 +17,9 @@ from flash import evaluate, evaluate_tasks
 from flash.data import DIGITS_FILE, Digits, caption_for
 from flash.lora import inject_lora, save_lora
 from flash.metrics import INCEPTION_FILE
-from flash.tasks import downsample, edge_map, extra_channels, upsample
+from flash.tasks import downsample, edge_map, upsample
+from helpers import task_pipeline
 from recipes.digits_init import build as build_digits
-from recipes.digits_tasks_init import new_adapter, widen
 from weights.save import save_pipeline
 
 eval_cli = importlib.import_module("eval")          # the script; `import eval` would shadow the builtin
@@ -27,24 +27,6 @@ eval_cli = importlib.import_module("eval")          # the script; `import eval` 
 needs_data = pytest.mark.skipif(not (DIGITS_FILE.is_file() and INCEPTION_FILE.is_file()),
                                 reason="digits data or FID Inception absent: run `python -m flash.data fetch` "
                                        "and `python -m flash.metrics fetch`")
-
-
-def task_pipeline(task, seed=1):
-    """The small random digits pipeline made into a `task` one; the new weights perturbed, so the
-    condition reaches the output (digits_tasks_init zero-initialises them)."""
-    pipe = build_digits(seed=seed, preset="small")
-    g = torch.Generator().manual_seed(seed)
-    if task == "adapter":
-        pipe.adapter = new_adapter(pipe.unet, pipe.vae_scale_factor, seed)
-        with torch.no_grad():
-            for p in pipe.adapter.parameters():
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    else:
-        pipe.unet = widen(pipe.unet, extra_channels(task, pipe.vae.config.latent_channels))
-        with torch.no_grad():
-            pipe.unet.conv_in.weight[:, 4:] = torch.randn(pipe.unet.conv_in.weight[:, 4:].shape, generator=g) * 0.1
-    pipe.task = task
-    return pipe
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from peft.utils import get_peft_model_state_dict
 import weights
 from flash import lora as L
 from flash.io import CheckpointError, read_safetensors, write_safetensors
+from helpers import maxdiff
 
 TINY_UNET = dict(block_out_channels=(8, 16), layers_per_block=1, sample_size=8, norm_num_groups=4,
                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -53,10 +54,6 @@ def randomize_lora(model, seed=0):
             if "lora_B" in n:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     return model
-
-
-def maxdiff(a, b):
-    return (a - b).abs().max().item()
 
 
 @pytest.fixture

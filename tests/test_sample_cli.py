@@ -17,11 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
-import sample
 import flash.cli
+import sample
 from flash.cli import parse_lora
-from test_pipeline import make_sd15
 from flash.io import write_safetensors
+from helpers import make_sd15, task_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 FLAGS = ["--model", "--prompt", "--prompts-file", "--negative-prompt", "--steps", "--sampler", "--guidance",
@@ -203,7 +203,6 @@ def test_lora_scale(model, tmp_path, capsys):
 def tasks(tmp_path_factory):
     """{task: folder} of tiny random digits task pipelines, and the input files: a 32x32 RGB image, a mask
     (a white box), an 8x8 and a 16x16 low-res image, a 32x32 edge map, a 24x32 mask, a broken PNG."""
-    from test_eval_tasks import task_pipeline
     from weights.save import save_pipeline
     root = tmp_path_factory.mktemp("tasks")
     folders = {}

@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 
 import weights
 from flash import clip, t5
+from helpers import maxdiff
 
 TOL = 1e-5
 EOS = 99  # tiny vocabulary of 100: the largest id plays <|endoftext|>, as 49407 does in the real one
@@ -47,10 +48,6 @@ def clip_batch(eos=EOS):
 def save(model, path, **kw):
     model.save_pretrained(path, **kw)
     return path
-
-
-def maxdiff(a, b):
-    return (a - b).abs().max().item()
 
 
 def check_clip(ours, ref, ids, mask):

@@ -10,7 +10,6 @@ line. Runs are 4 to 6 steps of K = 4 with a phase length of 1 or 2 batches, so e
 import gc
 import random
 import signal
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -18,15 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from train_helpers import (ROOT, make_images, make_tiny_pixart, make_tiny_sd, make_tiny_sdxl,  # noqa: E402
-                           read_log, read_tensors, run_train)
-
-sys.path.insert(0, str(ROOT))
-import train  # noqa: E402
-from flash.conditioning import encode_text  # noqa: E402
-from flash.data import load_batch, training_set  # noqa: E402
-from flash.losses import PHASES  # noqa: E402
+import train
+from flash.conditioning import encode_text
+from flash.data import load_batch, training_set
+from flash.losses import PHASES
+from train_helpers import make_images, make_tiny_pixart, make_tiny_sd, make_tiny_sdxl, read_log, read_tensors, run_train
 
 BASE = ["--K", "4", "--lr", "1e-3", "--lora-rank", "4", "--seed", "3"]
 

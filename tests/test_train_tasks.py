@@ -2,18 +2,12 @@
 recipes/digits_tasks_init.py: every task trains with both objectives, the widened / zero-initialised start
 computes exactly the text-to-image model, the adapter objective trains the adapter alone and resumes
 exactly, and the unconditional branch carries the image condition."""
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 import weights
-from tests.train_helpers import make_images, make_tiny_sd, read_log, read_tensors, run_train
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "recipes"))
-import digits_tasks_init  # noqa: E402
+from recipes import digits_tasks_init
+from train_helpers import make_images, make_tiny_sd, read_log, read_tensors, run_train
 
 FLASH = ["--objective", "flash", "--batch-size", "2", "--K", "4", "--phase-len", "1", "--lora-rank", "4",
          "--lora-alpha", "4", "--lr", "1e-3", "--checkpoint-every", "100"]

@@ -8,8 +8,9 @@ import torch
 from diffusers import UNet2DConditionModel as RefUNet
 
 import weights
-from flash.unet import CONFIGS, UNet2DConditionModel, UNetConfig
 from flash.io import CheckpointError
+from flash.unet import CONFIGS, UNet2DConditionModel, UNetConfig
+from helpers import maxdiff, randomize
 
 TOL = 1e-5
 CTX = 24  # tiny cross_attention_dim
@@ -35,15 +36,6 @@ TINY = {
 }
 TINY["inpaint"] = dict(TINY["sd15"], in_channels=9)   # noisy latent 4 + mask 1 + masked-image latent 4
 POOLED = 20  # tiny "text_embeds" width of the SDXL-like config
-
-
-def randomize(model, seed=0):
-    """Perturb every parameter (norm weights/biases included) so a mis-wired key cannot go unnoticed."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return model
 
 
 def make_ref(name, tmp_path, **save_kw):
@@ -73,10 +65,6 @@ def run_ref(ref, x, t, ctx, added):
     finally:
         hook.remove()
     return pred, seen["mid"]
-
-
-def maxdiff(a, b):
-    return (a - b).abs().max().item()
 
 
 @pytest.mark.parametrize("name", list(TINY))

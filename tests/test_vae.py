@@ -8,21 +8,14 @@ from diffusers import AutoencoderKL as RefVAE
 from safetensors.torch import load_file, save_file
 
 import weights
-from flash.vae import CONFIGS, AutoencoderKL, VAEConfig
 from flash.io import CheckpointError
+from flash.vae import CONFIGS, AutoencoderKL, VAEConfig
+from helpers import maxdiff, randomize
 
 TOL = 1e-5
 TINY = dict(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
             up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=2, norm_num_groups=8, latent_channels=4,
             sample_size=32)   # f = 2; diffusers' default decode tile is then 16 latents
-
-
-def randomize(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return model
 
 
 def make_ref(path, **cfg):
@@ -33,10 +26,6 @@ def make_ref(path, **cfg):
 
 def rand(*shape, seed=1):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-def maxdiff(a, b):
-    return (a - b).abs().max().item()
 
 
 def test_encode_decode_parity(tmp_path):

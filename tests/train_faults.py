@@ -1,4 +1,5 @@
-"""train.py with test hooks, run in its place (`python tests/train_faults.py ARGS` or under torchrun).
+"""train.py with test hooks, run in its place (`PYTHONPATH=. python tests/train_faults.py ARGS`,
+or under torchrun; tests/train_helpers.py sets the path).
 
 train.py has no test hooks of its own: this wrapper patches its functions (and flash/checkpoint.py's) at
 their seams, then calls train.main(). tests/test_train.py uses it to kill a run at chosen moments and to
@@ -16,14 +17,12 @@ import math
 import os
 import signal
 import sys
-from pathlib import Path
 
 import torch
 import torch.distributed as tdist
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import flash.checkpoint  # noqa: E402
-import train  # noqa: E402
+import flash.checkpoint
+import train
 
 
 def armed(kind, step):

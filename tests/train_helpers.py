@@ -76,6 +76,7 @@ def run_train(args, nproc=1, fault=None, check=True, timeout=300, background=Fal
         cmd[1:1] = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     env = {k: v for k, v in os.environ.items() if k != "FLASH_TRAIN_FAULT"}
     env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", **({"FLASH_TRAIN_FAULT": fault} if fault else {}))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))   # the wrapper imports train
     cmd += [str(a) for a in args]
     if background:
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
