@@ -14,7 +14,7 @@ max abs difference. Without CUDA it prints one line and exits 0.
 --compile-only needs no GPU: it runs the launchers on CPU tensors with the kernel launch replaced by an
 ahead-of-time compile for sm_<arch> (ptxas ships with Triton) and prints each specialisation's
 registers, spill stack and shared memory: a GPU-legality and register-pressure check for machines
-without one. Shapes follow architectures.md; batch 2 = classifier-free guidance.
+without one. Shapes follow docs/architectures.md; batch 2 = classifier-free guidance.
 """
 import argparse
 import os

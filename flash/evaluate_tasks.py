@@ -29,7 +29,7 @@ Protocol (fixed, so a rerun reproduces the numbers; flash/evaluate.py's rules ot
   right digit but ignores the edges would get.
 - NFE per image and seconds per image as flash/evaluate.py (the task condition's VAE encode counts in the
   time).
-The README rows (readme_rows): the teacher with DPM-Solver++ 2M at 25 and 4 steps with CFG (default 3; the
+The rows of the task tables in docs/results.md (readme_rows): the teacher with DPM-Solver++ 2M at 25 and 4 steps with CFG (default 3; the
 image condition is in both CFG branches) and the Flash student (the teacher + its LoRA) at 4 and 2 steps
 without CFG; for upscale, preceded by the bicubic row, for each factor; for adapter, by the same-class row.
 Every task's table starts with a "VAE reconstruction" row: the held-out digit itself encoded and decoded (posterior

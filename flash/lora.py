@@ -7,12 +7,12 @@ so a fresh adapter changes nothing. `inject_lora` swaps each target layer for a 
 weight and bias Parameters, plus children `lora_A` and `lora_B`. So `to_q.weight` stays the base key,
 the adapter adds `to_q.lora_A.weight` and `to_q.lora_B.weight` (diffusers' key names, minus the
 "unet." prefix), and no weight is copied. One set of base weights serves as teacher and student:
-`lora_disabled(model)` gives exactly the base model (method.md, Roles).
+`lora_disabled(model)` gives exactly the base model (docs/method.md, "Roles").
 
 Init: A ~ N(0, 1/r^2) as PEFT's init_lora_weights="gaussian" (the Flash reference's "A gaussian");
 PEFT's default is kaiming-uniform. For a Conv2d, A has the layer's kernel and B is 1x1 (as PEFT).
 
-Formats read and written (method.md, LoRA):
+Formats read and written (docs/method.md, "LoRA"):
   diffusers  [unet.|transformer.]<module>.lora_A.weight / .lora_B.weight (alpha in the safetensors
              metadata "lora_adapter_metadata" or <module>.alpha; else alpha = rank); the older
              <module>.lora.down/up.weight and <attn>.processor.to_q_lora.down/up.weight forms.

@@ -2,8 +2,8 @@
 teacher target, distillation / DMD / adversarial losses, and the discriminator head.
 
 Paper: Chadebec et al., "Flash Diffusion" (arXiv 2406.02347). Every number comes from
-docs/method.md ("One training step", "Schedule", "Discriminator heads", "Known quirks"), which records
-the authors' reference code. train.py calls these functions; none of them calls a network except
+docs/method.md ("One training step", "Schedule (timestep mixture and phases)", "Discriminator heads",
+"Known quirks"), which records the authors' reference code. train.py calls these functions; none of them calls a network except
 `teacher_target` (through the function it is given) and `DiscriminatorHead`.
 
 Deviations from the reference, each with the reference behaviour kept behind a flag or noted:
@@ -23,7 +23,7 @@ from flash.layers import GroupNorm
 from flash.schedule import boundary_scalings, cfg, sample_dpmpp_2m
 
 # ----------------------------------------------------------------------------------------------------
-# Timestep mixture and phases (method.md, "Schedule")
+# Timestep mixture and phases (docs/method.md, "Schedule (timestep mixture and phases)")
 
 
 @dataclass(frozen=True)
@@ -87,13 +87,13 @@ def phase_at(step, phase_len=2500):
 
 
 def sample_grid_index(pmf, generator=None):
-    """Draw ONE grid index for the whole batch (method.md step 2): every sample shares t = grid[i], so the
+    """Draw ONE grid index for the whole batch (docs/method.md, step 2): every sample shares t = grid[i], so the
     teacher trajectory is one batched solve over the same sub-grid."""
     return int(torch.multinomial(pmf.float(), 1, generator=generator).item())
 
 
 # ----------------------------------------------------------------------------------------------------
-# Student and teacher (method.md steps 3-5)
+# Student and teacher (docs/method.md, steps 3-5)
 
 
 def _per_sample(v, like):
@@ -142,7 +142,7 @@ def teacher_target(teacher_fn, x_t, i, grid, schedule, w):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Losses (method.md step 6)
+# Losses (docs/method.md, step 6)
 
 
 def distillation_loss(out, target, kind="l2"):
@@ -178,7 +178,7 @@ def renoise(x0, noise, tau, schedule, grid=None, noise_at_true_tau=True):
 
 
 def dmd_loss(out, x0_real, x0_fake):
-    """Distribution matching loss with the student as fake score (method.md step 6, DMD).
+    """Distribution matching loss with the student as fake score (docs/method.md, step 6, DMD).
 
     x0_real: teacher's x0 (with CFG) at x_tau; x0_fake: the student's x0 (no CFG, no grad) at x_tau.
     grad = x0_fake - x0_real points from the real towards the fake distribution; dividing by the mean
@@ -236,7 +236,7 @@ def discriminator_loss(d_real, d_fake, kind="lsgan"):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Discriminator head (method.md, "Discriminator heads"): convs without bias unless said.
+# Discriminator head (docs/method.md, "Discriminator heads"): convs without bias unless said.
 
 
 def _conv(c_in, c_out, k, s, p, bias=False):

@@ -8,7 +8,7 @@ and five ways to integrate it backwards:
   dpm++2m   Lu et al. 2022, "DPM-Solver++", Algorithm 2 (multistep, second order), final step to sigma 0.
   lcm       Luo et al. 2023 (Latent Consistency Models) / Song et al. 2023 (Consistency Models),
             multistep consistency sampling: predict x0, re-noise with FRESH noise, repeat.
-  flash     the same sampler on the timesteps the Flash Diffusion student was trained on (method.md).
+  flash     the same sampler on the timesteps the Flash Diffusion student was trained on (docs/method.md).
 
 Every sampler is `sample_<name>(model_fn, x, timesteps, schedule, ...) -> final latent`, where
 `model_fn(x, t) -> model output` (eps or v, as `schedule.prediction_type` says) with `t` a Python number;
@@ -356,7 +356,7 @@ def sample_lcm(model_fn, noise, timesteps, schedule, generator=None):
     """Multistep consistency sampling (Song et al. 2023, Algorithm 1; LCM's LCMScheduler):
     at each t: x0 = f(x, t) = c_skip x + c_out x0_pred; if not the last t, x = add_noise(x0, z, t_next)
     with FRESH z ~ N(0, I) drawn from `generator` (one draw of x's shape per step, as LCMScheduler).
-    Returns the last x0 (method.md, Inference)."""
+    Returns the last x0 (docs/method.md, "Inference")."""
     dtype, x = noise.dtype, noise.float()
     for i, t in enumerate(timesteps):
         out = model_fn(x, t)

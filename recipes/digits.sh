@@ -2,7 +2,7 @@
 # Rebuild the shipped default, weights/digits/, from scratch with the project's own scripts: a tiny latent
 # text-to-image teacher trained on the real MNIST digits, Flash-distilled to a 4-step LoRA student.
 #
-#     recipes/digits.sh                 # the full recipe: ~42 min of training + 8 min eval on 2 CPU cores (README)
+#     recipes/digits.sh                 # the full recipe: ~42 min of training + 8 min eval on 2 CPU cores (docs/results.md)
 #     recipes/digits.sh --quick         # a few steps of every stage, into runs/digits-quick (CI smoke test)
 #     recipes/digits.sh vae teacher     # only these stages (init vae teacher flash ship eval), e.g. to redo one
 #

@@ -3,7 +3,7 @@
 # teacher (recipes/digits.sh, stage teacher2): for each task a teacher fine-tuned for its image condition,
 # then Flash-distilled to a 4-step LoRA student with the text-to-image recipe unchanged.
 #
-#     recipes/digits_tasks.sh                          # every task, every stage (README: times)
+#     recipes/digits_tasks.sh                          # every task, every stage (docs/results.md: times)
 #     recipes/digits_tasks.sh --quick                  # a few steps of each stage, into runs/digits-tasks-quick
 #     recipes/digits_tasks.sh inpaint teacher flash    # only these tasks / stages
 #
@@ -19,7 +19,7 @@
 #            weights/digits for the shared VAE, text encoder, tokenizer and scheduler ("flash_base"), and the
 #            LoRA as flash_lora.safetensors
 #   picture  docs/digits_tasks.png: per task, rows input / teacher 25 steps / student 4 steps
-#   eval     eval.py --task T --rows: the README table rows
+#   eval     eval.py --task T --rows: the docs/results.md table rows
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}

@@ -1,4 +1,4 @@
-"""The README pictures of the task demos: for 10 held-out digits (one per class), the rows
+"""The pictures of the task demos (docs/results.md): for 10 held-out digits (one per class), the rows
 
     input (the hole in grey / the low-res image / the edge map), teacher 25 steps (DPM-Solver++ 2M, CFG 3),
     Flash student 4 steps (no CFG), the original digit

@@ -162,7 +162,7 @@ TASKS_SHIPPED = pytest.mark.skipif(
 @shipped
 def test_shipped_task_students():
     """The shipped task students at 4 Flash steps on 50 held-out digits (eval.py --task's inputs): prompt
-    accuracy, and each task's own measure, above floors set below the README's 500-image values (inpaint
+    accuracy, and each task's own measure, above floors set below the 500-image values of docs/results.md (inpaint
     99.4%; upscale 4x PSNR 21.4 dB vs bicubic 16.8; adapter edge F1 0.825 vs 0.579 for another digit of the
     same class)."""
     from flash import evaluate_tasks as eval_tasks

@@ -141,7 +141,7 @@ def test_linear_scale_of_the_update():
 
 
 def test_meta_device_inject_and_sd15_sdxl_counts():
-    """method.md: SD1.5 rank 128 on to_q/k/v/out.0 = 25,509,888; SDXL rank 64 = 92,897,280."""
+    """docs/method.md, "LoRA": SD1.5 rank 128 on to_q/k/v/out.0 = 25,509,888; SDXL rank 64 = 92,897,280."""
     from flash.unet import CONFIGS, UNet2DConditionModel
     for name, rank, want in (("sd15", 128, 25_509_888), ("sdxl", 64, 92_897_280)):
         with torch.device("meta"):
