@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from flash.cli import DEFAULT_LORA, DEFAULT_MODEL, DTYPES, TASKS, Parser, default_model, dtype_name
+from flash.cli import DEFAULT_LORA, DEFAULT_MODEL, DTYPES, TASKS, Parser, check_device, default_model, dtype_name
 from flash.evaluate import (IMAGES_MAX, REAL_TOTAL, SEEDS_MAX, TEACHER_GUIDANCE, Row, evaluate, load_metrics,
                             readme_rows, table)
 from flash.evaluate_tasks import TaskRow, evaluate_task
@@ -104,12 +104,7 @@ def check_args(args):
         raise ValueError(f"--lora {lora}: no such file or folder{hint}")
     if args.json and args.json != "-" and not Path(args.json).parent.is_dir():
         raise ValueError(f"--json {args.json}: no such folder {Path(args.json).parent}")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise ValueError(f"--device {args.device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available here")
+    check_device(args.device)
     return model, lora
 
 

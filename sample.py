@@ -35,7 +35,8 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from flash.cli import DEFAULT_LORA, DEFAULT_MODEL, DTYPES, TASKS, Parser, default_model, dtype_name, parse_lora
+from flash.cli import (DEFAULT_LORA, DEFAULT_MODEL, DTYPES, TASKS, Parser, check_device, default_model, dtype_name,
+                       parse_lora)
 from flash.data import caption_for
 from flash.io import CheckpointError
 from flash.pipeline import default_guidance, generate
@@ -96,12 +97,7 @@ def check_args(args):
             raise FileNotFoundError(f"{flag} {path}: no such file")
     if args.task and args.model is None:        # a shipped demo: its task is known before the load
         check_task_args(args, args.task, default_model(args.task))
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise ValueError(f"--device {args.device!r} is not a torch device (cpu, cuda, cuda:1, mps, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available here")
+    check_device(args.device)
 
 
 def read_prompts(args):

@@ -29,6 +29,17 @@ def default_model(task=None):
     return DEFAULT_MODEL.parent / f"digits-{task}" if task else DEFAULT_MODEL
 
 
+def check_device(name):
+    """The --device value as a torch.device that exists here, or a one-line ValueError."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a torch device (cpu, cuda, cuda:1, mps, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available here")
+    return device
+
+
 def dtype_name(name, device):
     """The --dtype name, or its default on `device`: fp16 on CUDA, fp32 elsewhere."""
     return name or ("fp16" if torch.device(device).type == "cuda" else "fp32")

@@ -7,10 +7,15 @@ import random
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5Tokenizer
+from diffusers import (AutoencoderKL, DDIMScheduler, DPMSolverMultistepScheduler, PixArtAlphaPipeline,
+                       PixArtTransformer2DModel, StableDiffusionPipeline, UNet2DConditionModel)
+from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5Config,
+                          T5EncoderModel, T5Tokenizer)
 
+from flash.data import DIGITS_FILE
+from flash.metrics import INCEPTION_FILE
 from flash.tasks import extra_channels
 from recipes.digits_init import build as build_digits
 from recipes.digits_tasks_init import new_adapter, widen
@@ -24,6 +29,11 @@ SD15_SCHEDULER = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0",
                   "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
                   "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
                   "clip_sample": False}
+
+# For the tests that need the real digits and the FID Inception (fetched by the README's test command).
+needs_data = pytest.mark.skipif(not (DIGITS_FILE.is_file() and INCEPTION_FILE.is_file()),
+                                reason="digits data or FID Inception absent: run `python -m flash.data fetch` "
+                                       "and `python -m flash.metrics fetch`")
 
 
 def maxdiff(a, b):
@@ -115,6 +125,28 @@ def make_sd15(folder):
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD15_SCHEDULER))
     return pipe
 
+
+
+def make_pixart(folder, with_text=True, t5_buckets=32):
+    """A PixArt-like diffusers pipeline saved to `folder`: a tiny T5 (16 wide, `t5_buckets` relative position
+    buckets) with its tokenizer, or neither (`with_text=False`: a PixArt folder without a T5 vocabulary); a tiny
+    transformer with sample_size 128, so the 1024-MS resolution / aspect-ratio conditions are on; the
+    DPM-Solver scheduler config PixArt ships (linear betas, no clip_sample key)."""
+    tok = t5 = None
+    if with_text:
+        tok = hf_t5_tokenizer(folder.parent)
+        t5 = randomize(T5EncoderModel(T5Config(vocab_size=len(tok), d_model=16, d_kv=8, d_ff=32, num_layers=2,
+                                               num_heads=2, feed_forward_proj="gated-gelu",
+                                               relative_attention_num_buckets=t5_buckets)), 8)
+    transformer = randomize(PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=8, num_layers=2,
+        cross_attention_dim=24, caption_channels=16, sample_size=128, norm_type="ada_norm_single",
+        norm_elementwise_affine=False, norm_eps=1e-6, activation_fn="gelu-approximate", attention_bias=True), 9)
+    scheduler = DPMSolverMultistepScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear")
+    pipe = PixArtAlphaPipeline(tokenizer=tok, text_encoder=t5, vae=tiny_vae(10), transformer=transformer,
+                               scheduler=scheduler)
+    pipe.save_pretrained(folder)
+    return pipe
 
 # ------------------------------------------------------------------------------ the digits task pipelines
 

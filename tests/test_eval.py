@@ -16,18 +16,12 @@ import pytest
 import torch
 
 from flash import evaluate
-from flash.data import DIGITS_FILE
 from flash.lora import inject_lora, save_lora
-from flash.metrics import INCEPTION_FILE
+from helpers import needs_data
 from recipes.digits_init import build as build_digits
 from weights.save import save_pipeline
 
 eval_cli = importlib.import_module("eval")          # the script; `import eval` would shadow the builtin
-
-needs_data = pytest.mark.skipif(not (DIGITS_FILE.is_file() and INCEPTION_FILE.is_file()),
-                                reason="digits data or FID Inception absent: run `python -m flash.data fetch` "
-                                       "and `python -m flash.metrics fetch`")
-
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):

@@ -9,18 +9,17 @@ agree within 2/255 (the acceptance bound) and, tighter, within 1e-4, for DDIM (1
 DPM-Solver++ 2M (CFG 7.5) and LCMScheduler (4 steps, no CFG), images 32 x 24 (non-square, so a swapped height
 and width cannot pass).
 """
+import functools
 import json
 
 import pytest
 import torch
 from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, LCMScheduler,
-                       PixArtAlphaPipeline, PixArtTransformer2DModel, StableDiffusionXLPipeline)
-from transformers import T5Config, T5EncoderModel
+                       PixArtAlphaPipeline, StableDiffusionXLPipeline)
 
 import weights
 from flash.pipeline import Conditioning, Pipeline, encode_prompt, generate, schedule_for
-from helpers import (SD15_SCHEDULER, hf_clip_tokenizer, hf_t5_tokenizer, make_sd15, maxdiff, randomize, tiny_clip,
-                     tiny_unet, tiny_vae)
+from helpers import SD15_SCHEDULER, hf_clip_tokenizer, make_pixart, make_sd15, maxdiff, tiny_clip, tiny_unet, tiny_vae
 
 H, W = 32, 24                 # pixels; the tiny VAEs have 2 levels (f = 2): latents 16 x 12
 PROMPTS = ["a photo of a cat", "A red BUS on the Moon, 2024!"]
@@ -61,24 +60,6 @@ def make_sdxl(folder):
     return pipe
 
 
-def make_pixart(folder):
-    """PixArt-like: T5 (16 wide) captions, sample_size 128 so the 1024-MS resolution / aspect-ratio
-    conditions are on, the DPM-Solver scheduler config PixArt ships (linear betas, no clip_sample key)."""
-    tok = hf_t5_tokenizer(folder.parent)
-    t5 = randomize(T5EncoderModel(T5Config(vocab_size=len(tok), d_model=16, d_kv=8, d_ff=32, num_layers=2,
-                                           num_heads=2, feed_forward_proj="gated-gelu",
-                                           relative_attention_num_buckets=8)), 8)
-    transformer = randomize(PixArtTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=8, num_layers=2,
-        cross_attention_dim=24, caption_channels=16, sample_size=128, norm_type="ada_norm_single",
-        norm_elementwise_affine=False, norm_eps=1e-6, activation_fn="gelu-approximate", attention_bias=True), 9)
-    scheduler = DPMSolverMultistepScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear")
-    pipe = PixArtAlphaPipeline(tokenizer=tok, text_encoder=t5, vae=tiny_vae(10), transformer=transformer,
-                               scheduler=scheduler)
-    pipe.save_pretrained(folder)
-    return pipe
-
-
 def load_ours(folder, family):
     """Our Pipeline from the saved folder, component by component."""
     encoders = [d for d in ("text_encoder", "text_encoder_2") if (folder / d).is_dir()]
@@ -92,7 +73,7 @@ def load_ours(folder, family):
         config=json.loads((folder / "model_index.json").read_text()))
 
 
-MAKERS = {"sd15": make_sd15, "sdxl": make_sdxl, "pixart": make_pixart}
+MAKERS = {"sd15": make_sd15, "sdxl": make_sdxl, "pixart": functools.partial(make_pixart, t5_buckets=8)}
 
 
 @pytest.fixture(scope="module", params=list(MAKERS))

@@ -12,15 +12,13 @@ import shutil
 
 import pytest
 import torch
-from diffusers import (DPMSolverMultistepScheduler, EulerDiscreteScheduler, PixArtAlphaPipeline,
-                       PixArtTransformer2DModel, PNDMScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline,
+from diffusers import (EulerDiscreteScheduler, PNDMScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline,
                        StableDiffusionXLPipeline, UNet2DConditionModel)
-from transformers import T5Config, T5EncoderModel
 
 import weights
 from flash.io import CheckpointError
 from flash.pipeline import Pipeline
-from helpers import hf_clip_tokenizer, hf_t5_tokenizer, maxdiff, randomize, tiny_clip, tiny_vae
+from helpers import hf_clip_tokenizer, make_pixart, maxdiff, randomize, tiny_clip, tiny_vae
 
 TOL = 1e-5
 PROMPTS = ["a photo of a cat", "An astronaut riding a horse on the Moon, 2024!!"]
@@ -67,25 +65,6 @@ def make_sdxl(folder):
         text_encoder_2=tiny_clip(6, layers=3, act="gelu", projection=24, eos=49407), tokenizer=hf_clip_tokenizer(),
         tokenizer_2=hf_clip_tokenizer(pad="!"), unet=randomize(UNet2DConditionModel(**UNETS["sdxl"]), 7),
         scheduler=EulerDiscreteScheduler(**SD_SCHEDULER, timestep_spacing="leading"), add_watermarker=False)
-    pipe.save_pretrained(folder)
-    return pipe
-
-
-def make_pixart(folder, with_text=True):
-    """PixArt-like: a tiny T5 (16 wide) with its tokenizer, or neither (`with_text=False`, as a PixArt folder
-    without a T5 vocabulary), a tiny 1024-MS-like transformer (size conditions on), the SD VAE."""
-    tok = t5 = None
-    if with_text:
-        tok = hf_t5_tokenizer(folder.parent)
-        t5 = randomize(T5EncoderModel(T5Config(vocab_size=len(tok), d_model=16, d_kv=8, d_ff=32, num_layers=2,
-                                               num_heads=2, feed_forward_proj="gated-gelu")), 8)
-    transformer = randomize(PixArtTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=8, num_layers=2,
-        cross_attention_dim=24, caption_channels=16, sample_size=128, norm_type="ada_norm_single",
-        norm_elementwise_affine=False, norm_eps=1e-6, activation_fn="gelu-approximate", attention_bias=True), 9)
-    scheduler = DPMSolverMultistepScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear")
-    pipe = PixArtAlphaPipeline(tokenizer=tok, text_encoder=t5, vae=tiny_vae(10), transformer=transformer,
-                               scheduler=scheduler)
     pipe.save_pretrained(folder)
     return pipe
 
