@@ -5,7 +5,8 @@ The diffusers layout needs no renaming: the module tree equals its key tree. The
 (PixArt-alpha's own `PixArt` / `PixArtMS` classes) differs by names and by two fused projections: the
 self-attention `attn.qkv` (q|k|v stacked along the output dim) and the cross-attention `cross_attn.kv_linear`
 (k|v). ORIGINAL_RULES below maps it in a few ordered rules. The original release is a pickle `.pth`,
-which is refused: convert it once with `safetensors.torch.save_file(torch.load(...)["state_dict"], ...)`
+which is refused: convert it once with
+`safetensors.torch.save_file(torch.load(path, weights_only=True)["state_dict"], ...)`
 on a machine where unpickling it is acceptable.
 """
 import math
