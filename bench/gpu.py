@@ -28,6 +28,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -84,13 +85,14 @@ class Results:
 def render(data):
     """The results as a Markdown page."""
     m = data["meta"]
-    lines = [f"# flash GPU proof: {m['device']} ({m['date']}){' -- DRY RUN on CPU, not figures' if m['dry_run'] else ''}",
-             "", " | ".join(f"{k} {m[k]}" for k in ("torch", "triton", "cuda", "driver", "python")), ""]
+    dry = " -- DRY RUN on the CPU: these figures mean nothing" if m["dry_run"] else ""
+    lines = [f"# flash GPU proof: {m['device']} ({m['date']}){dry}", "",
+             " | ".join(f"{k} {m[k]}" for k in ("torch", "triton", "cuda", "driver", "python")), ""]
     if data["targets"]:
         lines += ["## Targets", "", "| target | figure | met |", "|---|---|---|"]
         lines += [f"| {t['target']} | {t['figure']} | {'yes' if t['met'] else 'NO'} |" for t in data["targets"]] + [""]
     if data["tests"]:
-        lines += ["## CUDA tests", "", "| suite | passed | failed | errors | skipped | seconds |", "|---|---|---|---|---|---|"]
+        lines += ["## CUDA tests", "", "| suite | passed | failed | errors | skipped | seconds |", "|---" * 6 + "|"]
         for k, r in data["tests"].items():
             lines.append(f"| {k} | {r.get('passed')} | {r.get('failed')} | {r.get('errors')} | {r.get('skipped')} "
                          f"| {r.get('seconds', 0):.0f} |")
@@ -98,13 +100,13 @@ def render(data):
         lines.append("")
     if data["kernels"]:
         lines += ["## Kernels (ratio = PyTorch ms / ours ms; > 1: ours faster)", "",
-                  "| op | case | dtype | mode | ours ms | torch ms | ratio | max abs diff |", "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['op']} | {r['case']} | {r['dtype']} | {r['mode']} | {r['ours_ms']:.3f} | {r['torch_ms']:.3f} | "
-                  f"{r['ratio']:.2f} | {r.get('maxdiff', '')} |" for r in data["kernels"]] + [""]
+                  "| op | case | dtype | mode | ours ms | torch ms | ratio | max abs diff |", "|---" * 8 + "|"]
+        lines += [f"| {r['op']} | {r['case']} | {r['dtype']} | {r['mode']} | {r['ours_ms']:.3f} | "
+                  f"{r['torch_ms']:.3f} | {r['ratio']:.2f} | {r['maxdiff']} |" for r in data["kernels"]] + [""]
     if data["models"]:
         lines += ["## Models", ""]
         for k, v in data["models"].items():
-            lines.append(f"- **{k}**: " + (", ".join(f"{a} {b}" for a, b in v.items()) if isinstance(v, dict) else str(v)))
+            lines.append(f"- **{k}**: " + ", ".join(f"{a} {b}" for a, b in v.items()))
     return "\n".join(lines) + "\n"
 
 
@@ -124,12 +126,12 @@ class Clock:
         return time.monotonic() - self.start
 
 
-def timer(dev, reps):
+def timer(dev, reps, rep_ms=40):
     """-> bench(fn) in milliseconds: triton's do_bench on CUDA (warmed up, L2 flushed, median); on the CPU
     (a dry run, where the figures mean nothing) the median of `reps` wall-clock runs, no warm-up."""
     if dev == "cuda":
         import triton
-        return lambda fn: triton.testing.do_bench(fn, warmup=10, rep=40)
+        return lambda fn: triton.testing.do_bench(fn, warmup=rep_ms // 4, rep=rep_ms)
 
     def bench(fn):
         times = []
@@ -161,13 +163,24 @@ def section_tests(args, res, clock, env):
         xml = Path(tempfile.mkstemp(suffix=".xml")[1])
         t0 = time.monotonic()
         try:
-            proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}",
-                                   *selection], cwd=ROOT, env=env, capture_output=True, text=True, timeout=clock.left())
-            tail = proc.stdout[-2000:]
-        except subprocess.TimeoutExpired:
-            tail = "timed out (budget)"
-        res.add("tests", name, {**junit_counts(xml), "seconds": time.monotonic() - t0, "tail": tail.strip()[-600:]})
+            out = subprocess.run([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", f"--junitxml={xml}",
+                                  *selection], cwd=ROOT, env=env, capture_output=True, text=True,
+                                 timeout=clock.left()).stdout
+            counts = junit_counts(xml)
+        except subprocess.TimeoutExpired as e:    # no report: count the verdicts pytest printed before the cut
+            out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+            counts = {**verbose_counts(out), "timed_out": True}
+        res.add("tests", name, {**counts, "seconds": time.monotonic() - t0, "tail": out.strip()[-600:]})
         print(f"  tests {name}: {res.data['tests'][name]}"[:200], flush=True)
+
+
+def verbose_counts(out):
+    """Counts from `pytest -v` lines ("path::test[id] PASSED  [ 3%]")."""
+    verdicts = [(line.split(" ")[0], line.split(" ")[1]) for line in out.splitlines()
+                if "::" in line and len(line.split(" ")) > 1]
+    n = {v: sum(1 for _, w in verdicts if w == v) for v in ("PASSED", "FAILED", "ERROR", "SKIPPED")}
+    return {"passed": n["PASSED"], "failed": n["FAILED"], "errors": n["ERROR"], "skipped": n["SKIPPED"],
+            "failures": [t for t, w in verdicts if w in ("FAILED", "ERROR")]}
 
 
 def junit_counts(xml):
@@ -233,7 +246,8 @@ def section_kernels(args, res, clock, dev):
                         lambda x, w, b: F.silu(F.group_norm(x, 32, w, b, 1e-5)), (x, w, bias))
             for case, (n, seq, c) in LAYER_NORM:
                 x, shift, scale = rnd(n, shrink(seq), c), rnd(n, 1, c), rnd(n, 1, c)
-                compare("layer_norm adaLN", case, dt, lambda x, sh, sc: kernels.layer_norm_modulated(x, sh, sc, eps=1e-6),
+                compare("layer_norm adaLN", case, dt,
+                        lambda x, sh, sc: kernels.layer_norm_modulated(x, sh, sc, eps=1e-6),
                         lambda x, sh, sc: F.layer_norm(x, (x.shape[-1],), eps=1e-6) * (1 + sc) + sh, (x, shift, scale))
             for case, (n, seq, c) in RMS_NORM:
                 x, w = rnd(n, shrink(seq), c), rnd(c)
@@ -271,7 +285,7 @@ def model_configs(family, dry):
 
 
 def write_pipeline(family, dry, folder, dev):
-    """A random pipeline folder (fp32, as training starts from), built on `dev` (fast init), saved by weights/save.py."""
+    """A random pipeline folder, built on `dev` (a fast init) and saved by weights/save.py (full size in bf16)."""
     import torch
 
     from flash.clip import CLIPTextModel
@@ -288,11 +302,10 @@ def write_pipeline(family, dry, folder, dev):
         for e in encoders:     # CLIP's embedding scale (PyTorch's N(0, 1) would swamp every layer)
             torch.nn.init.normal_(e.text_model.embeddings.token_embedding.weight, std=0.02)
             torch.nn.init.normal_(e.text_model.embeddings.position_embedding.weight, std=0.01)
-        pipe = Pipeline(family=family, vae=AutoencoderKL(v), text_encoders=encoders,
-                        tokenizers=[clip_tokenizer(*vocab, **({"pad_token": "!"} if i else {})) for i in range(len(texts))],
-                        unet=UNet2DConditionModel(u), config={"force_zeros_for_empty_prompt": True} if family == "sdxl" else {})
-    save_pipeline(pipe, folder)
-    del pipe
+        tokenizers = [clip_tokenizer(*vocab), clip_tokenizer(*vocab, pad_token="!")][:len(texts)]  # SDXL's 2nd: "!"
+        pipe = Pipeline(family=family, vae=AutoencoderKL(v), text_encoders=encoders, tokenizers=tokenizers,
+                        unet=UNet2DConditionModel(u), config={"force_zeros_for_empty_prompt": family == "sdxl"})
+    save_pipeline(pipe, folder, dtype=None if dry else torch.bfloat16)   # half the bytes; train.py loads fp32
     return folder
 
 
@@ -313,14 +326,13 @@ def unet_forward(args, res, dev, dtype):
     x = torch.randn(2, 4, cfg.sample_size, cfg.sample_size, generator=g).to(dev, dtype)
     ctx = torch.randn(2, 77, cfg.cross_attention_dim, generator=g).to(dev, dtype)
     t = torch.tensor([999, 999], device=dev)
-    bench = timer(dev, reps=1 if args.dry_run else 5)
+    bench = timer(dev, reps=1, rep_ms=500)
     with torch.inference_mode():
         diff = (ours(x, t, ctx).float() - ref(x, t, ctx).sample.float()).abs().max().item()
         t_ours, t_ref = bench(lambda: ours(x, t, ctx)), bench(lambda: ref(x, t, ctx).sample)
-    res.add("models", "sd15 unet forward", {"latent": f"2x4x{cfg.sample_size}x{cfg.sample_size}", "flash_ms": round(t_ours, 2),
-                                            "diffusers_ms": round(t_ref, 2), "ratio": round(t_ref / t_ours, 3),
-                                            "maxdiff": f"{diff:.2e}"})
-    del ours, ref
+    res.add("models", "sd15 unet forward", {"latent": f"2x4x{cfg.sample_size}x{cfg.sample_size}",
+                                            "flash_ms": round(t_ours, 2), "diffusers_ms": round(t_ref, 2),
+                                            "ratio": round(t_ref / t_ours, 3), "maxdiff": f"{diff:.2e}"})
 
 
 def sample_latency(args, res, dev, dtype, family, folder, size, env):
@@ -345,7 +357,6 @@ def sample_latency(args, res, dev, dtype, family, folder, size, env):
         times.append(time.perf_counter() - t0)
     figures = {"size": size, "load_s": round(load_s, 2), "image_s": round(statistics.median(times), 3),
                "finite": bool(torch.isfinite(image).all())}
-    del pipe
     if family == "sd15":
         out = Path(folder).parent / "sample.png"
         t0 = time.perf_counter()
@@ -371,14 +382,16 @@ def train_steps(args, res, clock, family, folder, work, env):
             (data / f"{i}.txt").write_text(f"a random picture number {i}")
     base = Path(work) / f"train-{family}"
     extra = ["--lora-rank", "4"] if dry else []          # full size: the paper's rank (train.py's default)
-    cmd = [sys.executable, "tests/train_bench.py", "--out", str(base), "--", "--model", str(folder), "--data", str(data),
-           "--steps", "3", "--phase-len", "1", "--batch-size", str(batch), "--resolution", str(size),
-           "--checkpoint-every", "1000", *extra]
+    cmd = [sys.executable, "tests/train_bench.py", "--out", str(base), "--", "--model", str(folder),
+           "--data", str(data), "--steps", "3", "--phase-len", "1", "--batch-size", str(batch),
+           "--resolution", str(size), "--checkpoint-every", "1000", *extra]
     try:
-        subprocess.run(cmd, cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
-                       timeout=max(clock.left(), 1))
+        proc = subprocess.run(cmd, cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                              timeout=max(clock.left(), 1))
+        if proc.returncode:
+            res.add("models", f"{family} train", {"error": proc.stderr.strip()[-400:]})
     except subprocess.TimeoutExpired:
-        pass                                              # whatever the logs hold so far is reported
+        res.add("models", f"{family} train", {"timed_out": round(clock.left())})   # the logs so far are reported
     for variant in ("lora", "two-copy", "lora-ckpt", "two-copy-ckpt"):
         log, err = base / variant / "log.jsonl", base / variant / "error.txt"
         records = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
@@ -386,7 +399,7 @@ def train_steps(args, res, clock, family, folder, work, env):
         figures = {"resolution": size, "batch": batch, "steps_logged": len(records),
                    "two_copy": any(r.get("two_copy") for r in records),
                    "s_per_step": round(statistics.mean(later), 3) if later else None,
-                   "peak_gb": round(max(r["peak_gb"] for r in records), 2) if records and records[0]["peak_gb"] else None}
+                   "peak_gb": round(max(r["peak_gb"] or 0 for r in records), 2) if records and dry is False else None}
         if err.is_file():
             figures["error"] = err.read_text().splitlines()[0][:300]
         res.add("models", f"{family} train step {variant}", figures)
@@ -398,10 +411,13 @@ def section_models(args, res, clock, dev, env):
     work = Path(args.work or tempfile.mkdtemp(prefix="flash-gpu-"))
     steps = [("sd15 unet forward", 30, lambda: unet_forward(args, res, dev, dtype))]
     for family, size, need in (("sd15", 512, 60), ("sdxl", 1024, 120)):
-        folder = work / f"{family}-pipeline" / "model"
-        size = 16 if args.dry_run else size
-        steps += [(f"{family} pipeline", need / 2, lambda f=family, p=folder: p.is_dir() or write_pipeline(f, args.dry_run, p, dev)),
-                  (f"{family} sample", need / 4, lambda f=family, p=folder, s=size: sample_latency(args, res, dev, dtype, f, p, s, env)),
+        folder, size = work / f"{family}-pipeline" / "model", 16 if args.dry_run else size
+
+        def pipeline(f=family, p=folder):     # reused from an earlier run's --work folder
+            return (p / "model_index.json").is_file() or write_pipeline(f, args.dry_run, p, dev)
+        steps += [(f"{family} pipeline", need / 2, pipeline),
+                  (f"{family} sample", need / 4,
+                   lambda f=family, p=folder, s=size: sample_latency(args, res, dev, dtype, f, p, s, env)),
                   (f"{family} train", need, lambda f=family, p=folder: train_steps(args, res, clock, f, p, work, env))]
     for name, need, step in steps:
         if clock.left() < (5 if args.dry_run else need):
@@ -416,6 +432,8 @@ def section_models(args, res, clock, dev, env):
         print(f"  models {name}: {time.monotonic() - t0:.0f} s", flush=True)
         if dev == "cuda":
             torch.cuda.empty_cache()
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)     # tens of GB of random weights
 
 
 # ----------------------------------------------------------------------------------------------- 4. results
@@ -437,8 +455,8 @@ def check_targets(res):
             one, two = m.get(f"{family} train step lora{ckpt}", {}), m.get(f"{family} train step two-copy{ckpt}", {})
             if one.get("peak_gb") and two.get("peak_gb"):
                 r = one["peak_gb"] / two["peak_gb"]
-                targets.append({"target": f"{family} Flash step peak memory{' (checkpointing)' if ckpt else ''} <= 0.6x "
-                                          "two-copy", "figure": f"{r:.2f}x ({one['peak_gb']} / {two['peak_gb']} GB)",
+                what = f"{family} Flash step peak memory{' (checkpointing)' if ckpt else ''} <= 0.6x two-copy"
+                targets.append({"target": what, "figure": f"{r:.2f}x ({one['peak_gb']} / {two['peak_gb']} GB)",
                                 "met": r <= 0.6})
     fails = sum((r.get("failed") or 0) + (r.get("errors") or 0) for r in res.data["tests"].values())
     if res.data["tests"]:
@@ -457,7 +475,8 @@ def versions(dev):
                                     capture_output=True, text=True, timeout=20).stdout.strip().splitlines()[0]
         except (OSError, subprocess.SubprocessError, IndexError):
             driver = "unknown"
-    return {"device": torch.cuda.get_device_name() if dev == "cuda" else f"cpu {platform.processor() or platform.machine()}",
+    cpu = f"cpu {platform.processor() or platform.machine()}"
+    return {"device": torch.cuda.get_device_name() if dev == "cuda" else cpu,
             "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda, "driver": driver,
             "python": platform.python_version()}
 
@@ -477,15 +496,15 @@ def main(argv=None):
     dev = "cpu" if args.dry_run else "cuda"
     if args.dry_run:
         torch.set_num_threads(1)
-    meta = {**versions(dev), "date": datetime.date.today().isoformat(), "dry_run": args.dry_run, "budget_s": None,
-            "seconds": {}}
     clock = Clock(args.budget or (600 if args.dry_run else 480))
-    meta["budget_s"] = clock.budget
-    slug = "cpu-dryrun" if args.dry_run else "".join(c if c.isalnum() else "-" for c in meta["device"].lower()).strip("-")
+    meta = {**versions(dev), "date": datetime.date.today().isoformat(), "dry_run": args.dry_run,
+            "budget_s": clock.budget, "seconds": {}}
+    slug = "".join(c if c.isalnum() else "-" for c in meta["device"].lower()).strip("-")   # "nvidia-h200"
+    slug = "cpu-dryrun" if args.dry_run else slug
     folder = args.out or (tempfile.mkdtemp(prefix="flash-gpu-dry-") if args.dry_run else ROOT / "bench" / "results")
     res = Results(folder, f"gpu-{slug}-{meta['date']}", meta)
-    print(f"bench/gpu.py: {meta['device']}, torch {meta['torch']}, triton {meta['triton']}; budget {clock.budget:.0f} s; "
-          f"results in {res.base}.md / .json", flush=True)
+    print(f"bench/gpu.py: {meta['device']}, torch {meta['torch']}, triton {meta['triton']}; "
+          f"budget {clock.budget:.0f} s; results in {res.base}.md / .json", flush=True)
     sections = {"tests": lambda: section_tests(args, res, clock, env),
                 "kernels": lambda: section_kernels(args, res, clock, dev),
                 "models": lambda: section_models(args, res, clock, dev, env)}
