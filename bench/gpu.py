@@ -35,10 +35,34 @@ import sys
 import tempfile
 import time
 import xml.etree.ElementTree as ET
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# Set before torch, triton or kernels/ is imported: Triton reads TRITON_INTERPRET when a kernel is defined. The
+# subprocesses (pytest, sample.py, train.py) get the same environment.
+DRY_RUN = "--dry-run" in sys.argv[1:]
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+           TRITON_INTERPRET="1" if DRY_RUN else "0")
+if DRY_RUN:      # one thread per process: on a busy CI machine, spinning OpenMP threads cost 100x
+    ENV.update(FLASH_PARITY_DEVICE="cpu", OMP_NUM_THREADS="1")
+os.environ.update(ENV)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+
+import kernels  # noqa: E402
+from flash import clip, unet, vae  # noqa: E402
+from flash.pipeline import Pipeline, generate  # noqa: E402
+from flash.tokenizer import clip_tokenizer, read_clip_vocab  # noqa: E402
+from kernels.rms_norm import rms_norm_ref  # noqa: E402
+from weights import load_pipeline_with_loras  # noqa: E402
+from weights.save import save_pipeline, unet_config  # noqa: E402
 SHARES = {"tests": 0.3, "kernels": 0.15, "models": 0.55}     # of --budget; unused time passes on
 
 # name, B, H, Lq, Lk, D (docs/architectures.md; batch 2 = classifier-free guidance)
@@ -50,7 +74,7 @@ LAYER_NORM = [("pixart adaLN", (2, 4096, 1152))]
 RMS_NORM = [("t5-xxl", (2, 120, 4096))]
 
 
-def parse_args(argv=None):
+def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, interpreted kernels (for CI)")
@@ -58,7 +82,7 @@ def parse_args(argv=None):
     p.add_argument("--budget", type=float, help="seconds for the whole run (default: 480; --dry-run 600)")
     p.add_argument("--only", nargs="+", choices=list(SHARES), default=list(SHARES), help="sections to run")
     p.add_argument("--work", help="folder for the random pipelines and training runs (default: a temporary one)")
-    return p.parse_args(argv)
+    return p.parse_args()
 
 
 class Results:
@@ -75,10 +99,7 @@ class Results:
         self.base.with_suffix(".md").write_text(render(self.data))
 
     def add(self, section, key, value):
-        if isinstance(self.data[section], list):
-            self.data[section].append(value)
-        else:
-            self.data[section][key] = value
+        self.data[section].append(value) if key is None else self.data[section].update({key: value})
         self.save()
 
 
@@ -103,21 +124,23 @@ def render(data):
                   "| op | case | dtype | mode | ours ms | torch ms | ratio | max abs diff |", "|---" * 8 + "|"]
         lines += [f"| {r['op']} | {r['case']} | {r['dtype']} | {r['mode']} | {r['ours_ms']:.3f} | "
                   f"{r['torch_ms']:.3f} | {r['ratio']:.2f} | {r['maxdiff']} |" for r in data["kernels"]] + [""]
-    if data["models"]:
-        lines += ["## Models", ""]
-        for k, v in data["models"].items():
-            lines.append(f"- **{k}**: " + ", ".join(f"{a} {b}" for a, b in v.items()))
+    lines += ["## Models", ""] if data["models"] else []
+    lines += [f"- **{k}**: " + ", ".join(f"{a} {b}" for a, b in v.items()) for k, v in data["models"].items()]
+    lines += ["", "## Sections that failed", ""] if data.get("errors") else []
+    lines += [f"- {k}: {v}" for k, v in data.get("errors", {}).items()]
     return "\n".join(lines) + "\n"
 
 
 class Clock:
-    """The run's budget: each section's deadline is its share plus whatever the sections before it left."""
+    """The run's budget: each section's deadline is its share (of the sections run) plus whatever the
+    sections before it left."""
 
-    def __init__(self, budget):
+    def __init__(self, budget, sections):
         self.budget, self.start, self.deadline = budget, time.monotonic(), time.monotonic()
+        self.shares = {s: SHARES[s] / sum(SHARES[t] for t in sections) for s in sections}
 
     def open(self, section):
-        self.deadline = max(self.deadline, time.monotonic()) + SHARES[section] * self.budget
+        self.deadline = max(self.deadline, time.monotonic()) + self.shares[section] * self.budget
 
     def left(self):
         return self.deadline - time.monotonic()
@@ -126,27 +149,17 @@ class Clock:
         return time.monotonic() - self.start
 
 
-def timer(dev, reps, rep_ms=40):
-    """-> bench(fn) in milliseconds: triton's do_bench on CUDA (warmed up, L2 flushed, median); on the CPU
-    (a dry run, where the figures mean nothing) the median of `reps` wall-clock runs, no warm-up."""
+def timer(dev, rep_ms=40):
+    """-> bench(fn) in milliseconds: triton's do_bench on CUDA (warmed up, L2 flushed, the median of the runs
+    that fit in rep_ms); on the CPU (a dry run, where the figures mean nothing) one wall-clock run."""
     if dev == "cuda":
-        import triton
         return lambda fn: triton.testing.do_bench(fn, warmup=rep_ms // 4, rep=rep_ms)
 
     def bench(fn):
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
     return bench
-
-
-def sync(dev):
-    import torch
-    if dev == "cuda":
-        torch.cuda.synchronize()
 
 
 # ------------------------------------------------------------------------------------------------- 1. tests
@@ -199,14 +212,8 @@ def junit_counts(xml):
 # ----------------------------------------------------------------------------------------------- 2. kernels
 
 def section_kernels(args, res, clock, dev):
-    import torch
-    import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    import kernels
-    from kernels.rms_norm import rms_norm_ref
     dry = args.dry_run
-    bench = timer(dev, reps=1)
+    bench = timer(dev)
     dtypes = [torch.float32] if dry else [torch.bfloat16, torch.float16]
     shrink = (lambda n: max(8, n // 64)) if dry else (lambda n: n)       # sequence lengths
     side = (lambda n: n // 16) if dry else (lambda n: n)                  # image sides
@@ -231,9 +238,8 @@ def section_kernels(args, res, clock, dev):
         for dt in dtypes:
             rnd = lambda *s: torch.randn(*s, device=dev, dtype=dt, requires_grad=True)  # noqa: E731
             for case, b, h, lq, lk, d in ATTENTION:
-                b, h = (1, 1) if dry else (b, h)
-                q, k = rnd(b, h, shrink(lq), d), rnd(b, h, lk if lk == 77 else shrink(lk), d)   # 77: a caption
-                v = rnd(*k.shape)
+                (b, h), lk = (1, 1) if dry else (b, h), lk if lk == 77 else shrink(lk)    # 77: a caption
+                q, k, v = rnd(b, h, shrink(lq), d), rnd(b, h, lk, d), rnd(b, h, lk, d)
                 backends = [SDPBackend.MATH] if dry else [SDPBackend.FLASH_ATTENTION]
 
                 def sdpa(q, k, v, backends=backends):
@@ -258,9 +264,6 @@ def section_kernels(args, res, clock, dev):
 
 def model_configs(family, dry):
     """(UNetConfig, VAEConfig, [CLIPTextConfig]) at full size, or tiny ones of the same structure (dry run)."""
-    from dataclasses import replace
-
-    from flash import clip, unet, vae
     if not dry:
         encoders = ["clip-l"] + (["openclip-bigg"] if family == "sdxl" else [])
         return unet.CONFIGS[family], vae.CONFIGS["sdxl" if family == "sdxl" else "sd"], \
@@ -286,47 +289,36 @@ def model_configs(family, dry):
 
 def write_pipeline(family, dry, folder, dev):
     """A random pipeline folder, built on `dev` (a fast init) and saved by weights/save.py (full size in bf16)."""
-    import torch
-
-    from flash.clip import CLIPTextModel
-    from flash.pipeline import Pipeline
-    from flash.tokenizer import clip_tokenizer, read_clip_vocab
-    from flash.unet import UNet2DConditionModel
-    from flash.vae import AutoencoderKL
-    from weights.save import save_pipeline
     u, v, texts = model_configs(family, dry)
     vocab = read_clip_vocab(ROOT / "weights/clip_vocab/vocab.json", ROOT / "weights/clip_vocab/merges.txt")
     torch.manual_seed(0)
     with torch.device(dev):
-        encoders = [CLIPTextModel(t) for t in texts]
+        encoders = [clip.CLIPTextModel(t) for t in texts]
         for e in encoders:     # CLIP's embedding scale (PyTorch's N(0, 1) would swamp every layer)
             torch.nn.init.normal_(e.text_model.embeddings.token_embedding.weight, std=0.02)
             torch.nn.init.normal_(e.text_model.embeddings.position_embedding.weight, std=0.01)
         tokenizers = [clip_tokenizer(*vocab), clip_tokenizer(*vocab, pad_token="!")][:len(texts)]  # SDXL's 2nd: "!"
-        pipe = Pipeline(family=family, vae=AutoencoderKL(v), text_encoders=encoders, tokenizers=tokenizers,
-                        unet=UNet2DConditionModel(u), config={"force_zeros_for_empty_prompt": family == "sdxl"})
+        pipe = Pipeline(family=family, vae=vae.AutoencoderKL(v), text_encoders=encoders, tokenizers=tokenizers,
+                        unet=unet.UNet2DConditionModel(u), config={"force_zeros_for_empty_prompt": family == "sdxl"})
     save_pipeline(pipe, folder, dtype=None if dry else torch.bfloat16)   # half the bytes; train.py loads fp32
     return folder
 
 
 def unet_forward(args, res, dev, dtype):
     """The SD1.5 UNet forward at 512 px (batch 2, CFG): flash against diffusers, the same random weights."""
-    import torch
     from diffusers import UNet2DConditionModel as RefUNet
 
-    from flash.unet import UNet2DConditionModel
-    from weights.save import unet_config
     cfg = model_configs("sd15", args.dry_run)[0]
     torch.manual_seed(0)
     with torch.device(dev):
-        ours = UNet2DConditionModel(cfg).to(dtype).eval()
+        ours = unet.UNet2DConditionModel(cfg).to(dtype).eval()
         ref = RefUNet.from_config(unet_config(cfg)).to(dtype).eval()
     ref.load_state_dict(ours.state_dict())
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, cfg.sample_size, cfg.sample_size, generator=g).to(dev, dtype)
     ctx = torch.randn(2, 77, cfg.cross_attention_dim, generator=g).to(dev, dtype)
     t = torch.tensor([999, 999], device=dev)
-    bench = timer(dev, reps=1, rep_ms=500)
+    bench = timer(dev, rep_ms=500)
     with torch.inference_mode():
         diff = (ours(x, t, ctx).float() - ref(x, t, ctx).sample.float()).abs().max().item()
         t_ours, t_ref = bench(lambda: ours(x, t, ctx)), bench(lambda: ref(x, t, ctx).sample)
@@ -335,44 +327,30 @@ def unet_forward(args, res, dev, dtype):
                                             "ratio": round(t_ref / t_ours, 3), "maxdiff": f"{diff:.2e}"})
 
 
-def sample_latency(args, res, dev, dtype, family, folder, size, env):
+def sample_latency(args, res, clock, dev, dtype, family, folder, size, env):
     """sample.py's path in process (load_pipeline_with_loras, then generate: 4 flash steps, no CFG), then
     sample.py itself as a subprocess (SD1.5 only: its end-to-end seconds include the load)."""
-    import torch
-
-    from flash.pipeline import generate
-    from weights import load_pipeline_with_loras
     t0 = time.perf_counter()
     pipe = load_pipeline_with_loras(folder, dtype, dev, [], fuse=True)
     load_s = time.perf_counter() - t0
     run = lambda: generate(pipe, ["a photo of an astronaut riding a horse"], steps=4, sampler="flash",  # noqa: E731
                            guidance=0, height=size, width=size, progress=False)
-    run()
-    times = []
-    for _ in range(1 if args.dry_run else 3):
-        sync(dev)
-        t0 = time.perf_counter()
-        image = run()
-        sync(dev)
-        times.append(time.perf_counter() - t0)
-    figures = {"size": size, "load_s": round(load_s, 2), "image_s": round(statistics.median(times), 3),
-               "finite": bool(torch.isfinite(image).all())}
+    finite = bool(torch.isfinite(run()).all())          # also the warm-up
+    figures = {"size": size, "load_s": round(load_s, 2), "image_s": round(timer(dev, rep_ms=3000)(run) / 1e3, 3),
+               "finite": finite}
     if family == "sd15":
         out = Path(folder).parent / "sample.png"
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, "sample.py", "--model", str(folder), "--prompt", "a red bus", "--steps",
                                "4", "--dtype", "bf16" if dev == "cuda" else "fp32", "--device", dev, "--out", str(out)],
-                              cwd=ROOT, env=env, capture_output=True, text=True)
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=max(clock.left(), 1))
         figures.update(cli_s=round(time.perf_counter() - t0, 1), cli_ok=proc.returncode == 0 and out.is_file())
     res.add("models", f"{family} sample 4 steps", figures)
 
 
 def train_steps(args, res, clock, family, folder, work, env):
     """tests/train_bench.py: 3 steps per variant (phases warm-up, 1, 2), s/step = mean of steps 1-2."""
-    import numpy as np
-    from PIL import Image
-    dry = args.dry_run
-    size, batch = (16, 2) if dry else ((1024, 1) if family == "sdxl" else (512, 4))
+    dry, (size, batch) = args.dry_run, (16, 2) if args.dry_run else ((1024, 1) if family == "sdxl" else (512, 4))
     data = Path(work) / f"images-{size}"
     if not data.is_dir():
         data.mkdir(parents=True)
@@ -406,7 +384,6 @@ def train_steps(args, res, clock, family, folder, work, env):
 
 
 def section_models(args, res, clock, dev, env):
-    import torch
     dtype = torch.float32 if args.dry_run else torch.bfloat16
     work = Path(args.work or tempfile.mkdtemp(prefix="flash-gpu-"))
     steps = [("sd15 unet forward", 30, lambda: unet_forward(args, res, dev, dtype))]
@@ -417,7 +394,7 @@ def section_models(args, res, clock, dev, env):
             return (p / "model_index.json").is_file() or write_pipeline(f, args.dry_run, p, dev)
         steps += [(f"{family} pipeline", need / 2, pipeline),
                   (f"{family} sample", need / 4,
-                   lambda f=family, p=folder, s=size: sample_latency(args, res, dev, dtype, f, p, s, env)),
+                   lambda f=family, p=folder, s=size: sample_latency(args, res, clock, dev, dtype, f, p, s, env)),
                   (f"{family} train", need, lambda f=family, p=folder: train_steps(args, res, clock, f, p, work, env))]
     for name, need, step in steps:
         if clock.left() < (5 if args.dry_run else need):
@@ -466,8 +443,6 @@ def check_targets(res):
 
 
 def versions(dev):
-    import torch
-    import triton
     driver = ""
     if dev == "cuda":
         try:
@@ -481,22 +456,15 @@ def versions(dev):
             "python": platform.python_version()}
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    # Before torch, triton or any kernel is imported: Triton reads TRITON_INTERPRET when a kernel is defined.
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    env["TRITON_INTERPRET"] = "1" if args.dry_run else "0"
-    if args.dry_run:     # one thread per process: on a busy CI machine, spinning OpenMP threads cost 100x
-        env.update(FLASH_PARITY_DEVICE="cpu", OMP_NUM_THREADS="1")
-    os.environ.update(env)
-    import torch
+def main():
+    args, env = parse_args(), ENV
     if not args.dry_run and not torch.cuda.is_available():
         print("bench/gpu.py: no CUDA device; run it on a GPU machine, or try --dry-run", file=sys.stderr)
         return 2
     dev = "cpu" if args.dry_run else "cuda"
     if args.dry_run:
         torch.set_num_threads(1)
-    clock = Clock(args.budget or (600 if args.dry_run else 480))
+    clock = Clock(args.budget or (600 if args.dry_run else 480), args.only)
     meta = {**versions(dev), "date": datetime.date.today().isoformat(), "dry_run": args.dry_run,
             "budget_s": clock.budget, "seconds": {}}
     slug = "".join(c if c.isalnum() else "-" for c in meta["device"].lower()).strip("-")   # "nvidia-h200"
