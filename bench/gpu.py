@@ -149,7 +149,7 @@ def timer(dev, rep_ms=40):
     """-> bench(fn) in milliseconds: triton's do_bench on CUDA (warmed up, L2 flushed, the median of the runs
     that fit in rep_ms); on the CPU (a dry run, where the figures mean nothing) one wall-clock run."""
     if dev == "cuda":
-        return lambda fn: triton.testing.do_bench(fn, warmup=rep_ms // 4, rep=rep_ms)
+        return lambda fn: triton.testing.do_bench(fn, warmup=rep_ms // 4, rep=rep_ms, return_mode="median")
 
     def bench(fn):
         t0 = time.perf_counter()
