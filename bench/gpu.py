@@ -161,8 +161,8 @@ def timer(dev, rep_ms=40):
 # ------------------------------------------------------------------------------------------------- 1. tests
 
 def section_tests(args, res, clock, env):
-    """pytest on the CUDA cases; on a dry run a few CPU cases of the same files."""
-    suites = {"kernels": ["tests/test_kernels.py", "-k", "cuda"], "model parity": ["tests/test_device_parity.py"]}
+    """pytest on the CUDA cases (the short suite first); on a dry run a few CPU cases of the same files."""
+    suites = {"model parity": ["tests/test_device_parity.py"], "kernels": ["tests/test_kernels.py", "-k", "cuda"]}
     if args.dry_run:
         suites["kernels"] = ["tests/test_kernels.py", "-k", "cpu-fp32 and (rms_norm or layer_norm_modulated)"]
     for name, selection in suites.items():
