@@ -305,8 +305,7 @@ def write_pipeline(family, dry, folder, dev):
 
 def unet_forward(args, res, dev, dtype):
     """The SD1.5 UNet forward at 512 px (batch 2, CFG): flash against diffusers, the same random weights."""
-    from diffusers import UNet2DConditionModel as RefUNet
-
+    from diffusers import UNet2DConditionModel as RefUNet      # an oracle: here only, as in the tests
     cfg = model_configs("sd15", args.dry_run)[0]
     torch.manual_seed(0)
     with torch.device(dev):
@@ -358,6 +357,7 @@ def train_steps(args, res, clock, family, folder, work, env):
             Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(data / f"{i}.png")
             (data / f"{i}.txt").write_text(f"a random picture number {i}")
     base = Path(work) / f"train-{family}"
+    shutil.rmtree(base, ignore_errors=True)          # no log of an earlier run (--work) read as this one's
     extra = ["--lora-rank", "4"] if dry else []          # full size: the paper's rank (train.py's default)
     cmd = [sys.executable, "tests/train_bench.py", "--out", str(base), "--", "--model", str(folder),
            "--data", str(data), "--steps", "3", "--phase-len", "1", "--batch-size", str(batch),
