@@ -18,6 +18,7 @@ from flash import clip
 from flash.clip_vision import CONFIGS, CLIPVisionModel, clip_score, from_config_json, preprocess, resize_crop
 from flash.data import DIGITS_FILE, Digits, load_digits
 from flash.io import CheckpointError, load_into, read_weights
+from weights.clip_vision import from_open_clip, open_clip_config
 from helpers import maxdiff, randomize
 
 TOL = 1e-5
@@ -205,6 +206,18 @@ def test_full_size_on_meta(name, count):
     assert set(ours.state_dict()) == set(ref.state_dict())
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters()) == count
+
+
+@pytest.mark.parametrize("name, act", [("vit-l-14", "quick_gelu"), ("vit-g-14", None)])
+def test_open_clip_full_size_config(name, act):
+    """The full-size open_clip layouts (as meta tensors) give back the presets: ViT-g/14's heads of width 88
+    come from the width table, ViT-L/14's 16 from the default head width 64; OpenAI's quick-GELU is passed."""
+    cfg = CONFIGS[name]
+    with torch.device("meta"):
+        ref = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(**dataclasses.asdict(cfg)))
+    state = from_open_clip(to_open_clip(ref.state_dict(), cfg.num_hidden_layers))
+    assert set(state) == set(ref.state_dict())
+    assert open_clip_config(state, **({} if act is None else dict(hidden_act=act))) == cfg
 
 
 # ---- preprocessing against CLIPImageProcessor ----
