@@ -13,6 +13,8 @@ Deviations from transformers:
   saved by transformers 4) and CLIPTextModelWithProjection use it. weights/text.py adds the prefix.
 - `forward` returns the three states the diffusion pipelines use instead of a list of all hidden states.
 - `with_projection` is not a transformers field: it stands for the class (CLIPTextModelWithProjection).
+
+The image tower (flash/clip_vision.py) reuses the encoder blocks with `causal=False`.
 """
 from dataclasses import dataclass, fields, replace
 from typing import NamedTuple
@@ -65,17 +67,17 @@ class CLIPTextEmbeddings(nn.Module):
 
 
 class CLIPAttention(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, causal=True):
         super().__init__()
-        self.heads = cfg.num_attention_heads
+        self.heads, self.causal = cfg.num_attention_heads, causal
         c = cfg.hidden_size
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(c, c) for _ in range(4))
 
     def forward(self, x, key_padding_mask=None):
         q, k, v = (rearrange(t, "b l (h d) -> b h l d", h=self.heads)
                    for t in (self.q_proj(x), self.k_proj(x), self.v_proj(x)))
-        # CLIP's text tower is causal: each token sees itself and the tokens before it.
-        out = kernels.attention(q, k, v, key_padding_mask=key_padding_mask, is_causal=True)
+        # CLIP's text tower is causal (each token sees itself and the tokens before it); the image tower is not.
+        out = kernels.attention(q, k, v, key_padding_mask=key_padding_mask, is_causal=self.causal)
         return self.out_proj(rearrange(out, "b h l d -> b l (h d)"))
 
 
@@ -93,9 +95,9 @@ class CLIPMLP(nn.Module):
 class CLIPEncoderLayer(nn.Module):
     """Pre-norm residual block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, causal=True):
         super().__init__()
-        self.self_attn = CLIPAttention(cfg)
+        self.self_attn = CLIPAttention(cfg, causal)
         self.layer_norm1 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = CLIPMLP(cfg)
         self.layer_norm2 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
@@ -106,9 +108,9 @@ class CLIPEncoderLayer(nn.Module):
 
 
 class CLIPEncoder(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, causal=True):
         super().__init__()
-        self.layers = nn.ModuleList(CLIPEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(CLIPEncoderLayer(cfg, causal) for _ in range(cfg.num_hidden_layers))
 
 
 class CLIPTextTransformer(nn.Module):
