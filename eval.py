@@ -45,7 +45,7 @@ from flash.metrics import load_inception
 from flash.pipeline import default_guidance
 from flash.schedule import SAMPLERS
 from flash.tasks import UPSCALE_FACTORS
-from weights import load_image_encoder, load_pipeline_with_loras, load_text_encoder, load_tokenizer
+from weights import load_clip_text, load_image_encoder, load_pipeline_with_loras, load_tokenizer
 
 ROOT = Path(__file__).resolve().parent
 CLIP_VOCAB = ROOT / "weights" / "clip_vocab"    # every CLIP shares this vocabulary: used when --clip has none
@@ -81,7 +81,8 @@ def parse_args(argv=None):
     a("--coco", metavar="CAPTIONS_JSON", help="evaluate on COCO: a captions annotation file "
                                               "(captions_val2017.json, captions_val2014.json)")
     a("--coco-images", metavar="DIR", help="with --coco: the folder of its reference images")
-    a("--clip", metavar="CHECKPOINT", help="with --coco: a transformers CLIPModel folder for the CLIP score")
+    a("--clip", metavar="CHECKPOINT", help="with --coco: the CLIP of the CLIP score, a transformers CLIPModel "
+                                            "folder or an open_clip .safetensors file (LAION's, GELU)")
     a("--out", metavar="DIR", help="with --coco: where the generated PNGs, the feature cache and the results go")
     a("--json", metavar="PATH", help="also write the results as JSON to PATH ('-' for stdout)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device (default: %(default)s)")
@@ -172,8 +173,6 @@ def check_coco_args(args):
     for name in ("coco", "coco_images", "clip"):
         if not Path(getattr(args, name)).exists():
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: no such file or folder")
-    if not Path(args.clip).is_dir():
-        raise ValueError(f"--clip {args.clip}: the CLIP score needs a transformers CLIPModel folder (both towers)")
     if args.n < 2 or args.batch < 1 or (args.steps is not None and args.steps < 1):
         raise ValueError("--n must be >= 2, --batch and --steps >= 1")
     model = Path(args.model) if args.model else default_model(None)
@@ -185,12 +184,13 @@ def check_coco_args(args):
 
 
 def load_coco_metrics(clip, device, dtype):
-    """The FID Inception and the CLIP of --clip (its tokenizer, else the shipped CLIP vocabulary)."""
+    """The FID Inception and the CLIP of --clip, both towers (its tokenizer, else the shipped CLIP vocabulary,
+    which every CLIP shares)."""
     clip = Path(clip)
     tokenizer = load_tokenizer(clip if (clip / "vocab.json").is_file() or (clip / "tokenizer.json").is_file()
                                else CLIP_VOCAB)
     return CocoMetrics(load_inception().to(device), load_image_encoder(clip, dtype).to(device),
-                       load_text_encoder(clip, dtype).to(device), tokenizer, clip.name, device)
+                       load_clip_text(clip, dtype).to(device), tokenizer, clip.name, device)
 
 
 def run_coco(args):

@@ -187,6 +187,58 @@ def test_resume_regenerates_only_missing_images_and_reuses_the_cache(setup, one_
     assert json.loads((out / "results.json").read_text())["fid"] == r1["fid"]
 
 
+def to_open_clip(state, layers):
+    """transformers CLIPModel keys -> an open_clip file's layout, written out name by name (not the loader's
+    rules run backwards): fused q/k/v, projections as (C, P) matrices applied x @ proj."""
+    out = {"logit_scale": state["logit_scale"]}
+    for tower, prefix in (("vision_model", "visual."), ("text_model", "")):
+        for i in range(layers):
+            src, dst = f"{tower}.encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
+            for kind in ("weight", "bias"):
+                out[dst + f"attn.in_proj_{kind}"] = torch.cat([state[src + f"self_attn.{n}_proj.{kind}"]
+                                                               for n in "qkv"])
+                for a, b in (("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"),
+                             ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
+                    out[dst + f"{b}.{kind}"] = state[src + f"{a}.{kind}"]
+    v, t = "vision_model.", "text_model."
+    out.update({"visual.conv1.weight": state[v + "embeddings.patch_embedding.weight"],
+                "visual.class_embedding": state[v + "embeddings.class_embedding"],
+                "visual.positional_embedding": state[v + "embeddings.position_embedding.weight"],
+                "visual.proj": state["visual_projection.weight"].t(),
+                "token_embedding.weight": state[t + "embeddings.token_embedding.weight"],
+                "positional_embedding": state[t + "embeddings.position_embedding.weight"],
+                "text_projection": state["text_projection.weight"].t()})
+    for kind in ("weight", "bias"):
+        out.update({f"visual.ln_pre.{kind}": state[v + f"pre_layrnorm.{kind}"],
+                    f"visual.ln_post.{kind}": state[v + f"post_layernorm.{kind}"],
+                    f"ln_final.{kind}": state[t + f"final_layer_norm.{kind}"]})
+    return {k: x.contiguous() for k, x in out.items()}
+
+
+def test_open_clip_file_gives_the_folders_features(setup, tmp_path):
+    """--clip also takes an open_clip file: both towers from it equal the CLIPModel folder's (GELU, as LAION's)."""
+    from safetensors.torch import save_file
+    from transformers import CLIPConfig, CLIPModel
+    import weights
+    cfg = CLIPConfig.from_pretrained(setup / "clip")
+    cfg.text_config.hidden_act = cfg.vision_config.hidden_act = "gelu"
+    ref = CLIPModel.from_pretrained(setup / "clip", config=cfg).eval()
+    ref.save_pretrained(tmp_path / "gelu")
+    save_file(to_open_clip(ref.state_dict(), 2), tmp_path / "open_clip_model.safetensors")
+    # open_clip's text heads are width / 64 (here 1 head of 16): the tiny config's 2 heads are passed.
+    text = weights.load_clip_text(tmp_path / "open_clip_model.safetensors", num_attention_heads=2)
+    image = weights.load_image_encoder(tmp_path / "open_clip_model.safetensors", num_attention_heads=2)
+    ids, _ = weights.load_tokenizer(setup / "clip")(["a red digit", "a blue thing number 3"])
+    pixel_values = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(text(ids).pooled, weights.load_clip_text(tmp_path / "gelu")(ids).pooled, atol=1e-6)
+        assert torch.allclose(image(pixel_values), weights.load_image_encoder(tmp_path / "gelu")(pixel_values),
+                              atol=1e-6)
+        txt = ref.get_text_features(input_ids=ids)
+    txt = getattr(txt, "text_embeds", getattr(txt, "pooler_output", txt))
+    assert torch.allclose(text(ids).pooled, txt, atol=1e-5)
+
+
 def test_errors_are_one_line(setup, tmp_path, capsys):
     import importlib
     eval_cli = importlib.import_module("eval")
