@@ -26,6 +26,7 @@ first n (<= 500, default 500) held-out digits.
 sharded over torchrun's ranks (protocol in flash/evaluate_coco.py).
 Errors the user can cause end in one line on stderr, exit status 2.
 """
+import hashlib
 import json
 import sys
 from dataclasses import asdict
@@ -183,6 +184,11 @@ def check_coco_args(args):
     return model, Path(args.lora) if args.lora else None
 
 
+def clip_tag(clip):
+    """The CLIP's part of the image-feature cache key: its name and a hash of its absolute path."""
+    return f"{clip.name}-{hashlib.sha1(str(clip.resolve()).encode()).hexdigest()[:8]}"
+
+
 def load_coco_metrics(clip, device, dtype):
     """The FID Inception and the CLIP of --clip, both towers (its tokenizer, else the shipped CLIP vocabulary,
     which every CLIP shares)."""
@@ -190,7 +196,7 @@ def load_coco_metrics(clip, device, dtype):
     tokenizer = load_tokenizer(clip if (clip / "vocab.json").is_file() or (clip / "tokenizer.json").is_file()
                                else CLIP_VOCAB)
     return CocoMetrics(load_inception().to(device), load_image_encoder(clip, dtype).to(device),
-                       load_clip_text(clip, dtype).to(device), tokenizer, clip.name, device)
+                       load_clip_text(clip, dtype).to(device), tokenizer, clip_tag(clip), device)
 
 
 def run_coco(args):
