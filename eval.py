@@ -8,6 +8,9 @@ or adapter model on the held-out digits.
     python eval.py --task inpaint --rows        (weights/digits-inpaint and its LoRA; also upscale, adapter)
     python eval.py --task upscale --rows --upscale 4
     python eval.py --task adapter --model runs/x/final --lora runs/x/lora.safetensors --sampler flash --steps 4
+    python eval.py --coco captions_val2017.json --coco-images val2017 --n 5000 --clip CLIP_FOLDER \
+        --model SD15 --lora LORA --sampler flash --steps 4 --out runs/coco
+    torchrun --nproc_per_node=8 eval.py --coco ... --images 5000 ...       (torchrun reads --n as its own)
 
 The protocol (per-image prompts and seeds, FID, prompt accuracy, NFE, timing) and the README rows are
 flash/evaluate.py's; the task inputs and measures (PSNR in the hole, PSNR of the upscaled image, edge F1)
@@ -19,8 +22,11 @@ metric networks, evaluates the rows and prints the table (and the JSON with --js
 --task at 4 and 2 steps, after the task's baselines).
 --task evaluates a task model (default weights/digits-<task>, LoRA flash_lora.safetensors in it) on the
 first n (<= 500, default 500) held-out digits.
+--coco evaluates on COCO captions: FID against the reference images and CLIP score, resumable and
+sharded over torchrun's ranks (protocol in flash/evaluate_coco.py).
 Errors the user can cause end in one line on stderr, exit status 2.
 """
+import hashlib
 import json
 import sys
 from dataclasses import asdict
@@ -31,15 +37,19 @@ import torch
 from flash.cli import DEFAULT_LORA, DEFAULT_MODEL, DTYPES, TASKS, Parser, check_device, default_model, dtype_name
 from flash.evaluate import (IMAGES_MAX, REAL_TOTAL, SEEDS_MAX, TEACHER_GUIDANCE, Row, evaluate, load_metrics,
                             readme_rows, table)
+from flash.distributed import barrier, cleanup, setup_distributed
+from flash.evaluate_coco import CocoMetrics, draw_subset, generate_images, markdown_row, read_captions, score
 from flash.evaluate_tasks import TaskRow, evaluate_task
 from flash.evaluate_tasks import readme_rows as task_readme_rows, table as task_table
 from flash.io import CheckpointError
+from flash.metrics import load_inception
 from flash.pipeline import default_guidance
 from flash.schedule import SAMPLERS
 from flash.tasks import UPSCALE_FACTORS
-from weights import load_pipeline_with_loras
+from weights import load_clip_text, load_image_encoder, load_pipeline_with_loras, load_tokenizer
 
 ROOT = Path(__file__).resolve().parent
+CLIP_VOCAB = ROOT / "weights" / "clip_vocab"    # every CLIP shares this vocabulary: used when --clip has none
 
 
 # -- arguments ---------------------------------------------------------------------------------------
@@ -61,12 +71,20 @@ def parse_args(argv=None):
     a("--steps", type=int, help="denoiser steps of the one evaluated setting (default: 4)")
     a("--guidance", type=float, help="CFG scale, <= 1 disables CFG (default: 0 for flash / lcm, 7.5 otherwise; "
                                      f"with --rows, the teacher rows' scale, default {TEACHER_GUIDANCE})")
-    a("--n", type=int, help="images per row (default: 1000; with --task the first n held-out digits, "
-                            f"at most {REAL_TOTAL}, default {REAL_TOTAL})")
+    a("--n", "--images", dest="n", type=int,
+      help="images per row (default: 1000; with --task the first n held-out digits, "
+           f"at most {REAL_TOTAL}, default {REAL_TOTAL}; with --coco the captions drawn; under torchrun spell "
+           "it --images: torchrun's own parser takes --n for an abbreviation of its options)")
     a("--seed", type=int, default=0, help="base seed of the per-image generators (default: %(default)s)")
     a("--batch", type=int, default=50, help="images per generate call (default: %(default)s)")
     a("--real", type=int, default=REAL_TOTAL, help="held-out real digits used for FID, evenly spaced "
                                                    "(fewer only for quick checks; default: %(default)s)")
+    a("--coco", metavar="CAPTIONS_JSON", help="evaluate on COCO: a captions annotation file "
+                                              "(captions_val2017.json, captions_val2014.json)")
+    a("--coco-images", metavar="DIR", help="with --coco: the folder of its reference images")
+    a("--clip", metavar="CHECKPOINT", help="with --coco: the CLIP of the CLIP score, a transformers CLIPModel "
+                                            "folder or an open_clip .safetensors file (LAION's, GELU)")
+    a("--out", metavar="DIR", help="with --coco: where the generated PNGs, the feature cache and the results go")
     a("--json", metavar="PATH", help="also write the results as JSON to PATH ('-' for stdout)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device (default: %(default)s)")
     a("--dtype", choices=DTYPES, help="weights dtype (default: fp16 on CUDA, fp32 otherwise)")
@@ -144,10 +162,93 @@ def rows_for(args, lora):
     return [Row(name, sampler, steps, guidance, student=student)]
 
 
+# -- COCO ---------------------------------------------------------------------------------------------
+
+def check_coco_args(args):
+    """Fail before loading anything, on every rank alike (a rank that failed alone would hang the others)."""
+    for name in ("coco_images", "clip", "out", "n"):
+        if getattr(args, name) is None:
+            raise ValueError(f"--coco needs --{name.replace('_', '-')}")
+    if args.task or args.rows:
+        raise ValueError("--coco evaluates one setting of a text-to-image pipeline; drop --task / --rows")
+    for name in ("coco", "coco_images", "clip"):
+        if not Path(getattr(args, name)).exists():
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: no such file or folder")
+    if args.n < 2 or args.batch < 1 or (args.steps is not None and args.steps < 1):
+        raise ValueError("--n must be >= 2, --batch and --steps >= 1")
+    model = Path(args.model) if args.model else default_model(None)
+    if not model.exists():
+        raise ValueError(f"--model {model}: no such folder or file")
+    if args.lora and not Path(args.lora).exists():
+        raise ValueError(f"--lora {args.lora}: no such file or folder")
+    return model, Path(args.lora) if args.lora else None
+
+
+def clip_tag(clip):
+    """The CLIP's part of the image-feature cache key: its name and a hash of its absolute path."""
+    return f"{clip.name}-{hashlib.sha1(str(clip.resolve()).encode()).hexdigest()[:8]}"
+
+
+def load_coco_metrics(clip, device, dtype):
+    """The FID Inception and the CLIP of --clip, both towers (its tokenizer, else the shipped CLIP vocabulary,
+    which every CLIP shares)."""
+    clip = Path(clip)
+    tokenizer = load_tokenizer(clip if (clip / "vocab.json").is_file() or (clip / "tokenizer.json").is_file()
+                               else CLIP_VOCAB)
+    return CocoMetrics(load_inception().to(device), load_image_encoder(clip, dtype).to(device),
+                       load_clip_text(clip, dtype).to(device), tokenizer, clip_tag(clip), device)
+
+
+def run_coco(args):
+    """Every rank generates its share of the images; rank 0 then scores them -> the result dict (None on
+    other ranks)."""
+    model, lora = check_coco_args(args)
+    entries = draw_subset(read_captions(args.coco), args.n)
+    d = setup_distributed()
+    device = d.device if d.world > 1 else torch.device(args.device)
+    dtype = DTYPES[dtype_name(args.dtype, device)]
+    sampler, steps = args.sampler or "flash", args.steps or 4
+    guidance = default_guidance(sampler) if args.guidance is None else args.guidance
+    pipe = load_pipeline_with_loras(model, dtype, device, [(lora, 1.0)] if lora else [], fuse=True)
+    made = generate_images(pipe, entries, args.out, steps, sampler, guidance, args.seed, args.batch, d.rank,
+                           d.world, not args.no_progress)
+    print(f"coco: rank {d.rank}: generated {made} images", file=sys.stderr)
+    del pipe
+    barrier(d)                   # every image exists; the other ranks leave while rank 0 scores
+    cleanup(d)
+    if d.rank != 0:
+        return None
+    metrics = load_coco_metrics(args.clip, device, torch.float32)
+    result = score(metrics, entries, args.out, args.coco_images, args.batch, not args.no_progress)
+    name = "student" if lora else "model"
+    header, row = markdown_row(name, sampler, steps, guidance, result)
+    report = {"model": str(model), "lora": str(lora) if lora else None, "sampler": sampler, "steps": steps,
+              "guidance": guidance, "seed": args.seed, "clip": str(args.clip), "captions": str(args.coco),
+              "world": d.world, **result, "markdown": row}
+    out = Path(args.out)
+    (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "results.md").write_text(f"{header}\n{row}\n")
+    print(f"{header}\n{row}")
+    return report
+
+
 # -- main --------------------------------------------------------------------------------------------
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.coco:
+        try:
+            report = run_coco(args)
+        except (CheckpointError, ValueError, FileNotFoundError) as e:
+            print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+            return 2
+        if report is not None and args.json:
+            text = json.dumps(report, indent=2)
+            if args.json == "-":
+                print(text)
+            else:
+                Path(args.json).write_text(text + "\n")
+        return 0
     task = args.task or "text-to-image"
     try:
         model, lora = check_args(args)

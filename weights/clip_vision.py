@@ -12,6 +12,10 @@ safetensors file.
   OPEN_CLIP_HEADS by width (open_clip's head width is 64 unless its model config says otherwise: ViT-g-14
   uses 88); the activation defaults to GELU, which LAION's models use (OpenAI's own weights are quick-GELU:
   pass hidden_act="quick_gelu", or load them from a transformers folder, whose config says so).
+`load_clip_text` reads the text side of the same two sources, for the CLIP score: a CLIPModel folder through
+weights.text.load_text_encoder, or an open_clip file's top-level text keys (`token_embedding`,
+`positional_embedding`, `transformer.resblocks.*`, `ln_final`, `text_projection`) by the same block rules,
+into flash.clip.CLIPTextModel with its projection (heads: width / 64, open_clip's text default; GELU).
 Pickle checkpoints (.bin, .pt, ...) are refused by flash.io.
 """
 import math
@@ -20,8 +24,10 @@ from pathlib import Path
 
 import torch
 
+from flash import clip
 from flash.clip_vision import CLIPVisionModel, from_config_json
 from flash.io import CheckpointError, find_weights, load_into, read_config, read_weights
+from weights.text import load_text_encoder
 
 ARCHITECTURES = ("CLIPVisionModelWithProjection", "CLIPModel")
 
@@ -65,6 +71,61 @@ def from_open_clip(state, source="checkpoint"):
     if not out:
         raise CheckpointError(f"{source}: no `visual.*` keys: not an open_clip checkpoint with an image tower")
     return out
+
+
+OPEN_CLIP_TEXT_RULES = [
+    (r"^token_embedding\.", "embeddings.token_embedding."),
+    (r"^positional_embedding$", "embeddings.position_embedding.weight"),
+    (r"^ln_final\.", "final_layer_norm."),
+] + OPEN_CLIP_RULES[5:]          # the blocks are named as in the image tower
+
+
+def from_open_clip_text(state, source="checkpoint"):
+    """open_clip's top-level text-tower tensors -> flash.clip.CLIPTextModel keys (with the projection)."""
+    out = {}
+    for key, value in state.items():
+        if key.startswith("visual.") or key in ("logit_scale", "attn_mask"):
+            continue
+        if key == "text_projection":
+            out["text_projection.weight"] = value.t().contiguous()
+            continue
+        for pattern, repl in OPEN_CLIP_TEXT_RULES:
+            key = re.sub(pattern, repl, key)
+        fused = re.match(r"(encoder\.layers\.\d+)\.attn\.in_proj_(weight|bias)$", key)
+        if fused:
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
+                out[f"text_model.{fused[1]}.self_attn.{name}.{fused[2]}"] = part.contiguous()
+            continue
+        out["text_model." + key] = value
+    needed = ("text_model.embeddings.token_embedding.weight", "text_model.embeddings.position_embedding.weight",
+              "text_model.encoder.layers.0.mlp.fc1.weight", "text_projection.weight")
+    missing = [k for k in needed if k not in out]
+    if missing:
+        raise CheckpointError(f"{source}: not an open_clip checkpoint with a text tower (no {missing[0]})")
+    width = out[needed[0]].shape[1]
+    cfg = dict(vocab_size=out[needed[0]].shape[0], hidden_size=width, intermediate_size=out[needed[2]].shape[0],
+               num_hidden_layers=len({k.split(".")[3] for k in out if k.startswith("text_model.encoder.layers.")}),
+               num_attention_heads=max(width // 64, 1), max_position_embeddings=out[needed[1]].shape[0],
+               hidden_act="gelu", eos_token_id=49407, projection_dim=out[needed[3]].shape[0],
+               architectures=["CLIPTextModelWithProjection"])
+    return out, cfg
+
+
+def load_clip_text(path, dtype=torch.float32, num_attention_heads=None, hidden_act="gelu"):
+    """The text tower of a CLIP (a transformers CLIPModel folder or an open_clip .safetensors file) ->
+    flash.clip.CLIPTextModel whose `.pooled` output is the projected text embedding."""
+    path = Path(path)
+    if path.is_dir():
+        return load_text_encoder(path, dtype)
+    state, cfg = from_open_clip_text(read_weights(path), str(path))
+    cfg.update(hidden_act=hidden_act, **({"num_attention_heads": num_attention_heads} if num_attention_heads else {}))
+    try:
+        config = clip.from_config_json(cfg)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    with torch.device("meta"):
+        model = clip.CLIPTextModel(config)
+    return load_into(model, state, source=str(path), dtype=dtype)
 
 
 def open_clip_config(state, source="checkpoint", num_attention_heads=None, hidden_act="gelu"):

@@ -7,6 +7,8 @@ a few explicit rules for how transformers' saves differ between versions:
 - CLIP: transformers >= 5 saves CLIPTextModel without the `text_model.` wrapper (`embeddings.*`), while
   transformers 4 saves (every released SD checkpoint) and CLIPTextModelWithProjection keep it: add it.
 - CLIP: transformers < 4.31 persisted the constant `text_model.embeddings.position_ids` buffer: drop it.
+- CLIPModel (a whole CLIP, as `eval.py --coco --clip` takes): its text side is `text_config` plus the
+  top-level `projection_dim`, built as CLIPTextModelWithProjection; the vision keys are left out.
 - T5: `encoder.embed_tokens` is tied to `shared`; safetensors saves keep only one of the two names
   (transformers 5 keeps `shared.weight`): fill the other from it.
 """
@@ -17,7 +19,7 @@ import torch
 from flash import clip, t5
 from flash.io import CheckpointError, find_weights, load_into, read_config, read_weights
 
-ARCHITECTURES = ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel")
+ARCHITECTURES = ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel", "CLIPModel")
 
 
 def clip_keys(state):
@@ -53,6 +55,9 @@ def build_text_encoder(config_dict, source="config.json"):
     if arch is None:
         raise CheckpointError(f"{source}: architectures {archs} is not a supported text encoder "
                               f"(expected one of {', '.join(ARCHITECTURES)})")
+    if arch == "CLIPModel":   # the text side of a whole CLIP: its projection is the joint-space embedding
+        config_dict = {**config_dict.get("text_config", {}), "projection_dim": config_dict.get("projection_dim", 512),
+                       "architectures": ["CLIPTextModelWithProjection"]}
     try:
         if arch == "T5EncoderModel":
             cfg = t5.from_config_json(config_dict)
@@ -76,5 +81,7 @@ def load_text_encoder(folder, dtype=torch.float32, variant=None):
     model = build_text_encoder(config, source=str(folder / "config.json"))
     path = find_weights(folder, "model", variant=variant)
     state = read_weights(path)
+    if "CLIPModel" in (config.get("architectures") or []):
+        state = {k: v for k, v in state.items() if k.startswith(("text_model.", "text_projection."))}
     state = t5_keys(state, path) if isinstance(model, t5.T5EncoderModel) else clip_keys(state)
     return load_into(model, state, source=str(path), dtype=dtype)
