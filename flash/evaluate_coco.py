@@ -21,8 +21,8 @@ Protocol (fixed, so a rerun, or a run on another number of GPUs, reproduces the 
   (0.306, not torchmetrics' 100 * max(cos, 0)); images go through CLIP's own preprocessing from the PNGs,
   captions through the CLIP tokenizer, truncated to its 77 tokens.
 - Cache: the Inception and CLIP features of a file list are stored in OUT/.features/ under a SHA-1 of the
-  network's name and the files' names, byte sizes and modification times (a regenerated or replaced
-  image changes the key), so a rerun that changes nothing reads them back instead of recomputing.
+  network's name and the files' names and contents (a regenerated or replaced image changes the key), so a
+  rerun that changes nothing reads them back instead of recomputing.
 """
 import hashlib
 import json
@@ -145,11 +145,15 @@ def generate_images(pipe, entries, out, steps, sampler, guidance, seed=0, batch=
 # -- features, cached --------------------------------------------------------------------------------
 
 def files_key(name, paths):
-    """SHA-1 of a network name and the files' names, sizes and modification times (in list order)."""
+    """SHA-1 of a network name and the files' names and bytes (in list order): the cache follows the content,
+    so an image rewritten with the same size and time, or a folder copied elsewhere, is keyed right. Reading
+    the files costs far less than running a network on them."""
     h = hashlib.sha1(name.encode())
     for p in paths:
-        st = os.stat(p)
-        h.update(f"\0{Path(p).name}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+        h.update(f"\0{Path(p).name}\0".encode())
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
     return h.hexdigest()
 
 

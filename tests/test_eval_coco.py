@@ -1,8 +1,8 @@
 """eval.py --coco end to end on a tiny COCO-format set built here (a captions JSON in COCO's layout and a
 folder of small odd-sized images), a tiny random digits pipeline and a tiny random transformers CLIPModel:
 the subset, the PNGs, the JSON and markdown outputs, the CLIP score against transformers, 1 rank against 2
-ranks (torchrun, gloo on CPU: same pixels, same metrics), resuming after a simulated kill, the feature
-cache, and FID of the sharded run against FID computed in this process.
+ranks (torchrun, gloo on CPU: same pixels, same metrics), resuming after a SIGKILL and after lost or
+truncated files, the feature cache, and FID of the sharded run against FID computed in this process.
 
 The runs go through subprocesses with one thread each (as tests/train_helpers.py's run_train does), so
 the 1- and 2-rank runs compute with the same kernels. Needs the FID Inception weights
@@ -11,8 +11,10 @@ the 1- and 2-rank runs compute with the same kernels. Needs the FID Inception we
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -21,8 +23,8 @@ from PIL import Image
 
 from flash import evaluate_coco
 from flash.metrics import INCEPTION_FILE
+from helpers import ROOT, VOCAB
 from recipes.digits_init import build as build_digits
-from train_helpers import ROOT, VOCAB
 from weights.save import save_pipeline
 
 N = 6
@@ -61,7 +63,8 @@ def setup(tmp_path_factory):
     return root
 
 
-def run_eval(setup, out, nproc=1, extra=()):
+def eval_command(setup, out, nproc=1, extra=()):
+    """(command, environment) of an eval.py --coco run on the tiny set, one thread per process."""
     cmd = [sys.executable, str(ROOT / "eval.py")]
     if nproc > 1:
         cmd[1:1] = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
@@ -69,7 +72,12 @@ def run_eval(setup, out, nproc=1, extra=()):
             "--model", setup / "pipe", "--images", N, "--batch", 2, "--steps", 2, "--out", out, "--no-progress", *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return [str(c) for c in cmd], env
+
+
+def run_eval(setup, out, nproc=1, extra=()):
+    cmd, env = eval_command(setup, out, nproc, extra)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -185,6 +193,32 @@ def test_resume_regenerates_only_missing_images_and_reuses_the_cache(setup, one_
     assert generated_count(proc) == 0
     assert {p.name: p.stat().st_mtime_ns for p in (out / evaluate_coco.CACHE).iterdir()} == cache
     assert json.loads((out / "results.json").read_text())["fid"] == r1["fid"]
+
+
+@needs_inception
+def test_killed_run_resumes_without_regenerating(setup, one_rank):
+    """SIGKILL as soon as the first PNG exists (during generation, or at the latest during the metrics), then
+    the same command again: only the images the killed run had not written are generated, the written ones
+    are kept as they are, and images and metrics equal an uninterrupted run's."""
+    out1, _ = one_rank
+    out = setup / "killed"
+    cmd, env = eval_command(setup, out)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and not list(out.glob("*.png")) and time.monotonic() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (out / "results.json").exists()
+    written = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
+    assert 1 <= len(written) <= N
+    rerun = run_eval(setup, out)
+    assert generated_count(rerun) == N - len(written)
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.png") if p.name in written} == written
+    a, b = pixels(out1), pixels(out)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    r1, r2 = (json.loads((o / "results.json").read_text()) for o in (out1, out))
+    assert (r2["fid"], r2["clip_score"]) == (r1["fid"], r1["clip_score"])
 
 
 def to_open_clip(state, layers):
