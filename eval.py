@@ -243,11 +243,7 @@ def main(argv=None):
             print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
             return 2
         if report is not None and args.json:
-            text = json.dumps(report, indent=2)
-            if args.json == "-":
-                print(text)
-            else:
-                Path(args.json).write_text(text + "\n")
+            write_json(report, args.json)
         return 0
     task = args.task or "text-to-image"
     try:
@@ -270,12 +266,17 @@ def main(argv=None):
                   "n": args.n, "seed": args.seed,
                   "real": args.real, "device": args.device, "dtype": dtype_name(args.dtype, args.device),
                   "classifier_heldout_accuracy": metrics.classifier_accuracy, "rows": [asdict(r) for r in results]}
-        text = json.dumps(report, indent=2)
-        if args.json == "-":
-            print(text)
-        else:
-            Path(args.json).write_text(text + "\n")
+        write_json(report, args.json)
     return 0
+
+
+def write_json(report, dest):
+    """The report as JSON on stdout ('-') or in the file `dest`."""
+    text = json.dumps(report, indent=2)
+    if dest == "-":
+        print(text)
+    else:
+        Path(dest).write_text(text + "\n")
 
 
 if __name__ == "__main__":
