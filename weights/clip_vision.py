@@ -50,6 +50,18 @@ OPEN_CLIP_RULES = [
 OPEN_CLIP_HEADS = {1280: 16, 1408: 16, 1664: 16}
 
 
+def renamed(key, value, rules, tower):
+    """One open_clip tensor of a tower -> [(our key, tensor)]: the ordered rules, then the fused attention input
+    projection, one (3C, C) matrix in open_clip (nn.MultiheadAttention), split into three (C, C) ones."""
+    for pattern, repl in rules:
+        key = re.sub(pattern, repl, key)
+    fused = re.match(r"(encoder\.layers\.\d+)\.attn\.in_proj_(weight|bias)$", key)
+    if not fused:
+        return [(f"{tower}.{key}", value)]
+    return [(f"{tower}.{fused[1]}.self_attn.{name}.{fused[2]}", part.contiguous())
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0))]
+
+
 def from_open_clip(state, source="checkpoint"):
     """open_clip `visual.*` tensors -> our vision keys (other keys, e.g. the text tower, are left out)."""
     out = {}
@@ -60,14 +72,7 @@ def from_open_clip(state, source="checkpoint"):
         if key == "proj":
             out["visual_projection.weight"] = value.t().contiguous()
             continue
-        for pattern, repl in OPEN_CLIP_RULES:
-            key = re.sub(pattern, repl, key)
-        fused = re.match(r"(encoder\.layers\.\d+)\.attn\.in_proj_(weight|bias)$", key)
-        if fused:  # one (3C, C) projection in open_clip (nn.MultiheadAttention), three (C, C) ones here
-            for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
-                out[f"vision_model.{fused[1]}.self_attn.{name}.{fused[2]}"] = part.contiguous()
-            continue
-        out["vision_model." + key] = value
+        out.update(renamed(key, value, OPEN_CLIP_RULES, "vision_model"))
     if not out:
         raise CheckpointError(f"{source}: no `visual.*` keys: not an open_clip checkpoint with an image tower")
     return out
@@ -89,14 +94,7 @@ def from_open_clip_text(state, source="checkpoint"):
         if key == "text_projection":
             out["text_projection.weight"] = value.t().contiguous()
             continue
-        for pattern, repl in OPEN_CLIP_TEXT_RULES:
-            key = re.sub(pattern, repl, key)
-        fused = re.match(r"(encoder\.layers\.\d+)\.attn\.in_proj_(weight|bias)$", key)
-        if fused:
-            for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
-                out[f"text_model.{fused[1]}.self_attn.{name}.{fused[2]}"] = part.contiguous()
-            continue
-        out["text_model." + key] = value
+        out.update(renamed(key, value, OPEN_CLIP_TEXT_RULES, "text_model"))
     needed = ("text_model.embeddings.token_embedding.weight", "text_model.embeddings.position_embedding.weight",
               "text_model.encoder.layers.0.mlp.fc1.weight", "text_projection.weight")
     missing = [k for k in needed if k not in out]
