@@ -30,11 +30,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from flash.data import DIGITS_FILE, Digits, caption_for
-from flash.io import write_safetensors
+from flash.io import cached_features
 from flash.lora import fuse_lora, lora_disabled
 from flash.metrics import (fid_from_features, inception_features, load_digit_classifier, load_inception,
                            prompt_accuracy)
@@ -149,15 +148,8 @@ def real_features(inception, images, device, batch=50):
     unreadable."""
     digest = hashlib.sha1(images.float().contiguous().numpy().tobytes()).hexdigest()
     path = CACHE_DIR / f"fid_digits_test_{len(images)}_{torch.device(device).type}.safetensors"
-    try:
-        with safe_open(str(path), "pt") as f:
-            if (f.metadata() or {}).get("images_sha1") == digest:
-                return f.get_tensor("features")
-    except (OSError, SafetensorError):
-        pass
-    feats = inception_features(inception, images.to(device), batch).cpu()
-    write_safetensors({"features": feats}, path, metadata={"images_sha1": digest})
-    return feats
+    return cached_features(path, digest, lambda: inception_features(inception, images.to(device), batch).cpu(),
+                           field="images_sha1")
 
 
 @dataclass

@@ -33,12 +33,11 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from flash.clip_vision import clip_score, preprocess
 from flash.evaluate import image_seed
-from flash.io import write_safetensors
+from flash.io import cached_features
 from flash.metrics import fid_from_features, inception_features
 from flash.pipeline import generate
 
@@ -161,15 +160,7 @@ def cached(cache_dir, name, paths, compute):
     """compute(paths) -> (N, D) features, read from cache_dir when the key (files_key) matches."""
     key = files_key(name, paths)
     path = Path(cache_dir) / f"{name}_{key[:16]}.safetensors"
-    try:
-        with safe_open(str(path), "pt") as f:
-            if (f.metadata() or {}).get("key") == key:
-                return f.get_tensor("features")
-    except (OSError, SafetensorError):
-        pass
-    feats = compute(paths)
-    write_safetensors({"features": feats}, path, metadata={"key": key})
-    return feats
+    return cached_features(path, key, lambda: compute(paths))
 
 
 def read_rgb(path, square=False):

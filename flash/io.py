@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -54,6 +54,21 @@ def write_safetensors(state_dict, path, metadata=None):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def cached_features(path, key, compute, field="key"):
+    """Features kept in a safetensors file (one tensor, "features"): read back from `path` when its metadata
+    `field` equals `key` (a digest of the inputs), else `compute()`d and written there atomically under that
+    key. An unreadable or stale file is recomputed, never trusted."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            if (f.metadata() or {}).get(field) == key:
+                return f.get_tensor("features")
+    except (OSError, SafetensorError):
+        pass
+    features = compute()
+    write_safetensors({"features": features}, path, metadata={field: key})
+    return features
 
 
 def find_weights(folder, stem, variant=None):
