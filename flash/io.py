@@ -4,8 +4,10 @@ fp16 variants), refuse pickles, and load a state dict into a model built on the 
 Loading never holds two copies of the weights: the model is built on the meta device (no storage), and
 `load_state_dict(assign=True)` makes the tensors read from the file the model's parameters.
 """
+import contextlib
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -42,18 +44,74 @@ def read_safetensors(path, device="cpu"):
         raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {first}") from None
 
 
-def write_safetensors(state_dict, path, metadata=None):
-    """Atomic write: a crash mid-write leaves the previous file intact, never a truncated one."""
+# ------------------------------------------------------------------------------------------ atomic writes
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yields a temporary path beside `path`; when the block ends without an exception the finished file is
+    renamed over `path` (readable by all: mkstemp creates files 0600), else removed. A crash or a full disk
+    mid-write leaves the previous file intact, never a truncated one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file({k: v.detach().contiguous() for k, v in state_dict.items()}, tmp, metadata=metadata)
+        yield tmp
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_safetensors(state_dict, path, metadata=None):
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous() for k, v in state_dict.items()}, tmp, metadata=metadata)
+
+
+def write_text(text, path):
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
+
+
+def write_json(obj, path, indent=2, sort_keys=True):
+    """Keys sorted as diffusers writes them (pass sort_keys=False to keep a vocabulary's id order)."""
+    write_text(json.dumps(obj, indent=indent, sort_keys=sort_keys, ensure_ascii=False) + "\n", path)
+
+
+# ------------------------------------------------------------------------------------------ bounded reads
+
+MAX_TEXT_BYTES = 64 << 20     # configs, vocabularies, captions, prompt files: far above any real one
+
+
+def read_text(path, what="file", limit=MAX_TEXT_BYTES):
+    """A regular file's text, refused in one line (ValueError naming it) when it is missing, not a regular
+    file (a device, a FIFO, a folder: /dev/zero would never end), over `limit` bytes, or not UTF-8."""
+    path = Path(path)
+    try:
+        st = path.stat()
+    except OSError:
+        raise ValueError(f"{path}: no such {what}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{path}: {what} is not a regular file")
+    if st.st_size > limit:
+        raise ValueError(f"{path}: {what} is {st.st_size:,} bytes, over the {limit:,}-byte limit")
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)          # the size can change between stat and read
+    if len(data) > limit:
+        raise ValueError(f"{path}: {what} is over the {limit:,}-byte limit")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: {what} is not UTF-8 text (byte {e.start})") from None
+
+
+def read_json(path, what="JSON file", limit=MAX_TEXT_BYTES):
+    """read_text, parsed; a syntax error is one line naming the file, the line and the column."""
+    try:
+        return json.loads(read_text(path, what, limit))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: {what} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
 
 
 def cached_features(path, key, compute, field="key"):

@@ -31,13 +31,12 @@ and (for an adapter) the UNet the task model was trained with.
 import dataclasses
 import json
 import os
-import tempfile
 from pathlib import Path
 
 from flash import clip, t5
 from flash.adapter import AdapterConfig
 from flash.dit import PixArtConfig
-from flash.io import write_safetensors
+from flash.io import write_json, write_safetensors, write_text
 from flash.lora import lora_modules
 from flash.unet import UNetConfig
 from flash.vae import VAEConfig
@@ -72,36 +71,8 @@ TASK_NAMES = {"text-to-image": "text-to-image", "inpaint": "inpainting", "upscal
 OWN_COMPONENT = {"inpaint": "unet", "upscale": "unet", "adapter": "adapter"}   # what a base-relative folder holds
 
 
-# ------------------------------------------------------------------------------------------ file writing
-
-def _publish(tmp, path):
-    """Rename the finished temp file over `path`, readable by all (mkstemp creates files 0600)."""
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
-def write_text(text, path):
-    """Atomic text write: a crash mid-write leaves the previous file intact, never a truncated one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        _publish(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_json(obj, path, indent=2, sort_keys=True):
-    """Atomic JSON write; keys sorted as diffusers writes them (a vocabulary keeps its id order)."""
-    write_text(json.dumps(obj, indent=indent, sort_keys=sort_keys, ensure_ascii=False) + "\n", path)
-
-
 def write_weights(state, path):
     write_safetensors(state, path, metadata={"format": "pt"})
-    os.chmod(path, 0o644)
 
 
 def state_for_saving(model, dtype=None, drop=()):
