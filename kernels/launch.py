@@ -3,7 +3,8 @@
 Dispatch: every public op runs its Triton kernels when `use_triton(x)` holds, i.e. for CUDA tensors, or
 for any tensor inside `with force_triton():` (the tests and `bench/kernels.py --compile-only` use it on
 CPU tensors, where the kernels need TRITON_INTERPRET=1 or a replaced launch). Elsewhere an op runs its
-PyTorch path.
+PyTorch path, as it does on every device inside `with pytorch_only():` (bench/profile_unet.py compares
+the two paths on a GPU).
 
 Sizes: one tile is a power of two covering a row (`block_size`); the warps per program grow with the
 tile (`num_warps`), and the row-wise backward kernels cut the rows of each batch item into chunks so
@@ -17,23 +18,31 @@ import triton
 
 MAX_ROW = 16384
 
-_forced = False  # set only through force_triton()
+_mode = "auto"  # "auto": Triton for CUDA tensors; "triton": every tensor; "torch": none. Set by the blocks below.
 
 
 @contextlib.contextmanager
-def force_triton(on=True):
-    """Within the block, the public ops take the Triton path on every device (on=False: only on CUDA).
-    Restores the previous setting on exit, so blocks nest."""
-    global _forced
-    before, _forced = _forced, bool(on)
+def _dispatch(mode):
+    global _mode
+    before, _mode = _mode, mode
     try:
         yield
-    finally:
-        _forced = before
+    finally:   # restore the previous setting, so blocks nest
+        _mode = before
+
+
+def force_triton(on=True):
+    """Within the block, the public ops take the Triton path on every device (on=False: only on CUDA)."""
+    return _dispatch("triton" if on else "auto")
+
+
+def pytorch_only():
+    """Within the block, the public ops take their PyTorch path on every device, CUDA included."""
+    return _dispatch("torch")
 
 
 def use_triton(x):
-    return x.is_cuda or _forced
+    return _mode == "triton" or (_mode == "auto" and x.is_cuda)
 
 
 def block_size(n, lo=1, hi=None):
