@@ -53,6 +53,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from flash.graphs import graphed
 from flash.schedule import SAMPLERS, NoiseSchedule, cfg, randn, sample
 from flash.tasks import TASKS, binarize_mask, extra_channels, inpaint_condition, upscale_condition
 
@@ -226,10 +227,11 @@ def make_model_fn(pipe, cond, uncond, guidance, height, width, image_cond=None):
         image_cond = {k: _rows(v, lambda x: torch.cat([x, x])) for k, v in image_cond.items()}
     kw = {**denoiser_kwargs(pipe, c, height, width), **image_cond}
     channels = pipe.vae.config.latent_channels
+    denoise = graphed(lambda xin, t: model(xin, t, c.context, **kw), pipe.device)   # flash/graphs.py: CUDA only
 
     def model_fn(x, t):
         xin = x.to(dtype) if uncond is None else torch.cat([x, x]).to(dtype)
-        out = model(xin, t, c.context, **kw)[:, :channels].float()
+        out = denoise(xin, t)[:, :channels].float()
         if uncond is None:
             return out
         out_uncond, out_cond = out.chunk(2)

@@ -115,3 +115,28 @@ def test_parity_on_device(tmp_path, name, dtype):
     err, theirs_err = (got.float() - truth).abs().max().item(), (theirs - truth).abs().max().item()
     bound = max(2 * theirs_err, FLOOR[dtype] * scale)
     assert err <= bound, f"{name} {dtype}: max abs diff {err:.3g} > {bound:.3g} (diffusers' own {theirs_err:.3g})"
+
+
+@pytest.mark.parametrize("family", ["sd15", "pixart"])
+def test_graphed_sampling_equals_eager(tmp_path, family, monkeypatch):
+    """flash/graphs.py on CUDA: generate's denoiser calls replayed from a CUDA graph give the eager calls'
+    images, and the Python forward runs twice (the warm-up and the capture) for 4 steps with CFG, not 4 times.
+    A forward that cannot be captured (PixArt's, if it copies from the host) must still give the same images."""
+    if not DEVICE.startswith("cuda"):
+        pytest.skip("CUDA graphs need a CUDA device")
+    import flash.pipeline as fp
+    from helpers import make_pixart, make_sd15
+    (make_pixart if family == "pixart" else make_sd15)(tmp_path)
+    pipe = weights.load_pipeline(tmp_path).to(DEVICE)
+    calls = []
+    inner = pipe.denoiser.forward
+    monkeypatch.setattr(pipe.denoiser, "forward", lambda *a, **k: calls.append(1) or inner(*a, **k))
+    with torch.inference_mode():
+        graphed = fp.generate(pipe, ["a red bus"], steps=4, sampler="euler", guidance=5.0, progress=False)
+        n_graphed = len(calls)
+        monkeypatch.setattr(fp, "graphed", lambda forward, device: forward)
+        eager = fp.generate(pipe, ["a red bus"], steps=4, sampler="euler", guidance=5.0, progress=False)
+    assert torch.isfinite(graphed).all() and graphed.shape == eager.shape
+    assert (graphed - eager).abs().max().item() <= 1e-4
+    if family == "sd15":
+        assert n_graphed == 2, f"the forward ran {n_graphed} times for 4 steps; a graph replays without Python"
