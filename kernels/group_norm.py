@@ -6,11 +6,13 @@ mean_g and var_g (biased) over the C / num_groups channels and all spatial posit
 Input any float dtype (fp16, bf16, fp32), any spatial shape (odd sizes fine); weight and bias (C,) or
 None; output in x's dtype. Statistics are fp32.
 
-Kernels. Forward (3 launches): partial stats, one program per chunk of up to 8 tiles of an (n, c) row
+Kernels. Forward (2 launches): partial stats, one program per chunk of up to 8 tiles of an (n, c) row
 of HW contiguous values, merging tiles with Chan et al.'s (count, mean, M2) update (each tile two-pass,
-so no catastrophic cancellation at 10^5-10^6 values per group); finalize, one program per group,
-combining its chunks into mean and 1/std; apply, programs over (n, c) x tiles writing the normalised,
-affine, optionally SiLU'd values. Three passes over memory instead of five for F.group_norm + F.silu.
+so no catastrophic cancellation at 10^5-10^6 values per group); apply, programs over (n, c) x tiles,
+each first combining its group's chunk partials into mean and 1/std, then writing the normalised, affine,
+optionally SiLU'd values. Three passes over memory instead of five for F.group_norm + F.silu. (A separate
+finalize launch for the group statistics was dropped after an H200 run: at UNet sizes the op is bound by
+its launches, each costing the host 50-100 us, not by memory; docs/gpu.md.)
 Backward (2 launches): per-chunk sums of g and g * x_hat (g = dL/d(affine output), through the
 SiLU), then dx = rstd * (g w - mean_group(g w) - x_hat * mean_group(g w x_hat)); dweight and dbias
 sum those (N, C) sums over the batch in PyTorch.
@@ -69,10 +71,9 @@ def _gn_partial_stats_kernel(X, PART, HW, CHUNK, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _gn_finalize_kernel(PART, MEAN, RSTD, HW, CHUNK, SPLIT, CPG, eps, BLOCK_P: tl.constexpr):
+def _gn_group_stats(PART, grp, HW, CHUNK, SPLIT, CPG, eps, BLOCK_P: tl.constexpr):
     """Group mean and 1/std from its CPG * SPLIT chunk partials (adjacent in PART), two passes:
     mean = sum(n_k mean_k) / n, then M2 = sum(M2_k + n_k (mean_k - mean)^2)."""
-    grp = tl.program_id(0).to(tl.int64)
     n_part = CPG * SPLIT
     base = PART + grp * n_part * 2
     offs = tl.arange(0, BLOCK_P)
@@ -91,16 +92,22 @@ def _gn_finalize_kernel(PART, MEAN, RSTD, HW, CHUNK, SPLIT, CPG, eps, BLOCK_P: t
         cnt = tl.minimum(CHUNK, HW - (k % SPLIT) * CHUNK).to(tl.float32)
         dm = tl.load(base + k * 2, mask=ok, other=0.0) - mean
         acc += tl.where(ok, tl.load(base + k * 2 + 1, mask=ok, other=0.0) + cnt * dm * dm, 0.0)
-    tl.store(MEAN + grp, mean)
-    tl.store(RSTD + grp, 1.0 / tl.sqrt(tl.sum(acc, 0) / total + eps))
+    return mean, 1.0 / tl.sqrt(tl.sum(acc, 0) / total + eps)
 
 
 @triton.jit
-def _gn_fwd_kernel(X, Y, W, B, MEAN, RSTD, C, HW, CPG,
-                   HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr, BLOCK: tl.constexpr):
+def _gn_fwd_kernel(X, Y, W, B, PART, MEAN, RSTD, C, HW, CPG, CHUNK, SPLIT, eps,
+                   HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr, BLOCK: tl.constexpr,
+                   BLOCK_P: tl.constexpr):
+    """Normalise tile program_id(1) of row r. Every program combines its group's chunk partials itself
+    (a few hundred floats at most, read from L2) rather than waiting for a separate finalize launch; the
+    group's first program also stores mean and 1/std for the backward."""
     row = tl.program_id(0).to(tl.int64)
-    mean = tl.load(MEAN + row // CPG)
-    rstd = tl.load(RSTD + row // CPG)
+    grp = row // CPG
+    mean, rstd = _gn_group_stats(PART, grp, HW, CHUNK, SPLIT, CPG, eps, BLOCK_P)
+    if (row % CPG == 0) & (tl.program_id(1) == 0):
+        tl.store(MEAN + grp, mean)
+        tl.store(RSTD + grp, rstd)
     c = row % C
     w = tl.load(W + c).to(tl.float32) if HAS_W else 1.0
     b = tl.load(B + c).to(tl.float32) if HAS_B else 0.0
@@ -211,13 +218,11 @@ class _GroupNorm(torch.autograd.Function):
         groups = rows // cpg
         mean = torch.empty(groups, device=x.device, dtype=torch.float32)
         rstd = torch.empty_like(mean)
-        block_p = block_size(cpg * split, 16, 1024)
-        _gn_finalize_kernel[(groups,)](part, mean, rstd, hw, chunk, split, cpg, eps, BLOCK_P=block_p,
-                                       num_warps=num_warps(block_p))
         y = torch.empty_like(x)
         w, b = (x if t is None else t for t in (weight, bias))  # placeholder pointers when absent
         flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu)
-        _gn_fwd_kernel[(rows, triton.cdiv(hw, block))](x, y, w, b, mean, rstd, c, hw, cpg, BLOCK=block,
+        _gn_fwd_kernel[(rows, triton.cdiv(hw, block))](x, y, w, b, part, mean, rstd, c, hw, cpg, chunk, split, eps,
+                                                       BLOCK=block, BLOCK_P=block_size(cpg * split, 16, 1024),
                                                        num_warps=num_warps(block), **flags)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         ctx.num_groups, ctx.flags = num_groups, flags
