@@ -583,7 +583,10 @@ def train(args):
 
 
 def main(argv=None):
-    train(parse_args(argv))
+    try:
+        train(parse_args(argv))
+    except OSError as e:    # mid-run, e.g. a full disk: one line; the last checkpoint is intact (atomic writes)
+        raise SystemExit(f"train.py: error: {e}") from None
 
 
 if __name__ == "__main__":

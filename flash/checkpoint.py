@@ -29,11 +29,11 @@ from pathlib import Path
 
 import torch
 
-from flash.io import CheckpointError, atomic_path, read_json, read_safetensors, write_json, write_safetensors
+from flash.io import CheckpointError, atomic_path, read_json, read_safetensors, write_safetensors, write_text
 
-# What train.py writes in OUT (and the temporary names of its atomic writes: ".NAME.*.tmp").
-RUN_ENTRIES = {"log.jsonl", "config.json", "checkpoint-last", "checkpoint-old", ".checkpoint-tmp", "samples",
-               "final", ".final-tmp", ".final-old"}
+# What train.py writes in OUT: files, folders (and the temporary names of its atomic writes: ".NAME.*.tmp").
+RUN_FILES = {"log.jsonl", "config.json"}
+RUN_FOLDERS = {"checkpoint-last", "checkpoint-old", ".checkpoint-tmp", "samples", "final", ".final-tmp", ".final-old"}
 # Settings a resumed run may change without a word (the others: a warning), and those that make it another run.
 RESUME_FREE = ("steps", "resume", "out", "sample_every", "checkpoint_every", "sample_prompts")
 RESUME_FIXED = ("family", "task", "objective", "full_finetune")
@@ -55,7 +55,7 @@ def save_checkpoint(out, snapshot, tensors, optimizers, state):
         rng["cuda"] = torch.cuda.get_rng_state()
     with atomic_path(tmp / "resume.pt") as f:
         torch.save({"optimizers": {k: o.state_dict() for k, o in optimizers.items()}, "rng": rng}, f)
-    write_json(state, tmp / "state.json", sort_keys=False)
+    write_text(json.dumps(state, indent=2), tmp / "state.json")    # ASCII: a path in the config may be any bytes
     fsync_tree(tmp)
     publish(tmp, out)
 
@@ -127,8 +127,11 @@ def check_out(out, resume):
     existing = next((p for p in [out, *out.parents] if p.exists()), None)
     if existing is not None and not existing.is_dir():
         raise ValueError(f"--out {out}: {existing} is not a folder")
-    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    foreign = [e for e in entries if e not in RUN_ENTRIES and not (e.startswith(".") and e.endswith(".tmp"))]
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):   # read-only, or a read-only disk
+        raise ValueError(f"--out {out}: {existing} is not writable")
+    entries = sorted(out.iterdir()) if out.is_dir() else []
+    foreign = [p.name for p in entries if not (p.name in RUN_FILES and p.is_file() or p.name in RUN_FOLDERS
+                                               and p.is_dir() or p.name.startswith(".") and p.name.endswith(".tmp"))]
     if foreign:
         raise ValueError(f"--out {out} holds files that are not a training run's ({', '.join(foreign[:3])}"
                          f"{', ...' if len(foreign) > 3 else ''}): choose an empty folder")
@@ -159,9 +162,9 @@ def start_log(out, start, config, dataset):
     out = Path(out)
     skipped = getattr(dataset, "skipped", [])
     scan = {"images": len(dataset), "skipped": len(skipped), "first_skipped": [f"{n}: {r}" for n, r in skipped[:20]]}
-    write_json({**config, "data_scan": scan}, out / "config.json", sort_keys=False)
+    write_text(json.dumps({**config, "data_scan": scan}, indent=2) + "\n", out / "config.json")   # ASCII: any path
     for line in getattr(dataset, "warnings", []):
-        print(f"train.py: warning: {line}", file=sys.stderr)
+        print(f"train.py: warning: {line}".encode("utf-8", "backslashreplace").decode(), file=sys.stderr)
     log = out / "log.jsonl"
     with atomic_path(log) as tmp, open(tmp, "w", encoding="utf-8") as kept:
         if start and log.is_file():

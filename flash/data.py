@@ -70,13 +70,17 @@ class BadImage(ValueError):
 
 def to_rgb(img):
     """Any PIL image as 8-bit RGB, upright (the EXIF orientation applied). 16-bit gray ("I;16", or "I" as PNG
-    decodes it) is scaled by 255 / 65535: PIL's convert clips it at 255, which makes most of the image white.
+    decodes it) is scaled by 255 / 65535: PIL's convert clips it at 255, which makes most of the image white;
+    floating-point gray ("F", TIFF) is read as [0, 1].
     Transparency (RGBA, LA, a palette or gray with a transparent entry) is flattened onto white; CMYK, palette
     and YCbCr go through PIL's converters."""
-    img = ImageOps.exif_transpose(img)
-    if img.mode.startswith("I;16") or img.mode == "I":
-        gray = np.asarray(img).astype(np.float64) * (255 / 65535)
-        img = Image.fromarray(gray.clip(0, 255).round().astype(np.uint8), "L")
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception:       # noqa: BLE001 (broken EXIF is common in the wild: the pixels are fine, keep them as stored)
+        pass
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):      # F: floating point, read as [0, 1]
+        gray = np.asarray(img).astype(np.float64) * (255 if img.mode == "F" else 255 / 65535)
+        img = Image.fromarray(np.nan_to_num(gray).clip(0, 255).round().astype(np.uint8), "L")
     if img.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in img.info:
         img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
     return img.convert("RGB")
@@ -168,7 +172,8 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
         if not self.items and self.skipped:
             raise ValueError(f"no images left to train on: {skip_summary(root, self.skipped, total)}")
         if not self.items:
-            raise ValueError(f"{root}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found")
+            where = "captions.jsonl lists none" if os.path.lexists(jsonl) else ", ".join(sorted(IMAGE_SUFFIXES))
+            raise ValueError(f"{root}: no images ({where}) found")
         self.warnings = [skip_summary(root, self.skipped, total)] if self.skipped else []
         if not any(text for _, text in self.items):
             self.warnings.append(f"{root}: no captions (no .txt beside the images, no captions.jsonl, or all "

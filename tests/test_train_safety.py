@@ -29,7 +29,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import flash.data
-from flash.checkpoint import publish_folder
+from flash.checkpoint import publish_folder, start_log
 from flash.data import ImageCaptionFolder, image_problem, read_image
 from flash.schedule import flash_timesteps
 from train_helpers import make_images, make_tiny_sd, read_log, read_tensors, run_train
@@ -95,16 +95,37 @@ def test_an_out_in_a_model_folder_is_refused_and_changes_nothing(tiny, tmp_path,
     assert snapshot(tmp_path) == before and not (model / "new").exists() and not (model / "unet" / "sub").exists()
 
 
-@pytest.mark.parametrize("case", ["other files", "a file", "under a file"])
+@pytest.mark.parametrize("case", ["other files", "a run file of the wrong kind", "a file", "under a file"])
 def test_an_out_that_is_not_a_run_folder_is_refused(tiny, tmp_path, case):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    (tmp_path / "odd" / "log.jsonl").mkdir(parents=True)
+    (tmp_path / "odd" / "log.jsonl" / "notes.txt").write_text("keep me")
     (tmp_path / "file").write_text("keep me")
-    out = {"other files": tmp_path / "mine", "a file": tmp_path / "file", "under a file": tmp_path / "file" / "sub"}
+    out = {"other files": tmp_path / "mine", "a run file of the wrong kind": tmp_path / "odd",
+           "a file": tmp_path / "file", "under a file": tmp_path / "file" / "sub"}[case]
     before = snapshot(tmp_path)
-    err = refused(run_train(train_args(tiny, out[case], "--steps", "1", "--resume"), check=False))
-    assert ("notes.txt" in err) if case == "other files" else ("is not a folder" in err)
+    err = refused(run_train(train_args(tiny, out, "--steps", "1", "--resume"), check=False))
+    want = {"other files": "(notes.txt)", "a run file of the wrong kind": "(log.jsonl)"}.get(case, "is not a folder")
+    assert want in err
     assert snapshot(tmp_path) == before
+
+
+def test_start_log_records_the_scan_and_drops_a_torn_line(tmp_path, capsys):
+    data = make_images(tmp_path / "data", n=2, size=8)
+    (data / os.fsdecode(b"bad\xff.png")).write_text("not UTF-8 in its name, not an image")
+    dataset = ImageCaptionFolder(data, size=8)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "log.jsonl").write_text('{"step": 0}\n{"step": 1}\n{"step": 2}\n{"step": 3, "lo')
+    with start_log(out, 2, {"data": os.fsdecode(b"path\xff")}, dataset) as log:
+        log.write('{"step": 2}\n')
+    assert [r["step"] for r in read_log(out)] == [0, 1, 2]
+    config = json.loads((out / "config.json").read_text())
+    assert config["data_scan"]["images"] == 2 and config["data_scan"]["skipped"] == 1
+    assert config["data_scan"]["first_skipped"][0].startswith("bad\udcff.png: not an image")
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("train.py: warning: ") and "skipped 1 of 3 images" in err and "\n" not in err
 
 
 def test_a_resumed_run_keeps_its_log_replaces_final_whole_and_writes_files_readable_by_all(tiny, finished, tmp_path):
@@ -275,6 +296,7 @@ MODES = {   # name: (file bytes, expected RGB pixel, expected size)
     "CMYK JPEG": (saved(Image.new("CMYK", (4, 4), (0, 255, 255, 0)), "JPEG", quality=100), (255, 0, 0), (4, 4)),
     "gray + alpha": (saved(Image.new("LA", (4, 4), (50, 0))), (255, 255, 255), (4, 4)),
     "RGBA, opaque": (saved(Image.new("RGBA", (4, 4), (0, 0, 255, 255))), (0, 0, 255), (4, 4)),
+    "float TIFF": (saved(Image.fromarray(np.full((4, 4), 0.5, np.float32)), "TIFF"), (128, 128, 128), (4, 4)),
     "EXIF rotation": (rotated(), (254, 0, 0), (4, 8)),
 }
 
