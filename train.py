@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from flash.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from flash.checkpoint import check_out, load_checkpoint, publish_folder, save_checkpoint, start_log
 from flash import preview
 from flash.cli import Parser
 from flash.conditioning import cond_map, encode_text, image_condition, with_image_condition
@@ -434,9 +434,7 @@ def resume(path, args, m, opts, d):
     tensors = {weights: trainable(m)}       # a full fine-tune's snapshot is its exact fp32 weights
     if m.head is not None:
         tensors["discriminator.safetensors"] = m.head.state_dict()
-    state = load_checkpoint(path, tensors, opts, d.device)
-    changed = [k for k, v in state["config"].items() if k not in ("steps", "resume", "sample_every", "checkpoint_every",
-               "sample_prompts") and hasattr(args, k) and json.dumps(v) != json.dumps(getattr(args, k))]
+    state, changed = load_checkpoint(path, tensors, opts, d.device, vars(args))   # refuses another model's run
     if changed and d.rank == 0:
         print(f"train.py: warning: resuming with changed settings: {', '.join(changed)}", file=sys.stderr)
     return state["step"], state["nonfinite_streak"]
@@ -524,7 +522,7 @@ def train(args):
     d = setup_distributed()
     try:        # models, optimisers, resume state and data: where whatever the user can get wrong shows up
         torch.manual_seed(args.seed)        # the same adapter / head init on every rank (broadcast anyway below)
-        checkpoint = find_checkpoint(args.out, args.resume) if args.resume else None
+        checkpoint = check_out(args.out, args.resume)       # first: refuses an --out it would write over
         m = build_models(args, d.device)
         opts = build_optimizers(args, m)
         start, streak = resume(checkpoint, args, m, opts, d) if checkpoint else (0, 0)
@@ -537,12 +535,8 @@ def train(args):
     head_params = list(m.head.parameters()) if m.head is not None else []
     broadcast(student_params + head_params, d)
     out, prompts, log = Path(args.out), args.sample_prompts, None
-    if d.rank == 0:     # the log of a resumed run continues where its checkpoint stopped
-        out.mkdir(parents=True, exist_ok=True)
-        old = (out / "log.jsonl").read_text().splitlines() if start and (out / "log.jsonl").is_file() else []
-        log = open(out / "log.jsonl", "w")
-        log.writelines(line + "\n" for line in old if json.loads(line)["step"] < start)
-        (out / "config.json").write_text(json.dumps(vars(args), indent=2))
+    if d.rank == 0:     # config.json, the data scan's warnings; the log of a resumed run continues where it stopped
+        log = start_log(out, start, vars(args), dataset)
     stop = stop_signals()       # SIGTERM / SIGINT: finish the step, save, exit
     bar = tqdm(total=args.steps, initial=start, disable=d.rank != 0, dynamic_ncols=True)
 
@@ -578,11 +572,9 @@ def train(args):
                 print(f"\ntrain.py: stop signal: checkpoint saved after step {step + 1} in {out}/checkpoint-last",
                       file=sys.stderr)
             break
-    else:       # OUT/final/: the LoRA, or after a full fine-tune a pipeline folder usable as --model (a teacher)
-        if d.rank == 0 and m.lora:
-            save_snapshot(m, out / "final")
-        elif d.rank == 0:
-            save_pipeline(m.pipe, out / "final")
+    else:       # OUT/final/, swapped in whole: the LoRA, or after a full fine-tune a pipeline folder usable as --model
+        if d.rank == 0:
+            publish_folder(out / "final", lambda f: save_snapshot(m, f) if m.lora else save_pipeline(m.pipe, f))
     # Cleanup.
     bar.close()
     if log is not None:
@@ -591,7 +583,10 @@ def train(args):
 
 
 def main(argv=None):
-    train(parse_args(argv))
+    try:
+        train(parse_args(argv))
+    except OSError as e:    # mid-run, e.g. a full disk: one line; the last checkpoint is intact (atomic writes)
+        raise SystemExit(f"train.py: error: {e}") from None
 
 
 if __name__ == "__main__":

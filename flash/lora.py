@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
-from flash.io import read_safetensors, write_safetensors
+from flash.io import read_safetensors, write_json, write_safetensors
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 # The reference's PixArt list also names "proj_in", but the PixArt transformer has no module of that name (its
@@ -460,7 +460,7 @@ def save_lora(model, path, format="diffusers", prefix="unet"):
     if format == "peft":
         path.mkdir(parents=True, exist_ok=True)
         write_safetensors(sd, path / "adapter_model.safetensors", metadata={"format": "pt"})
-        (path / "adapter_config.json").write_text(json.dumps(peft_config(model), indent=2))
+        write_json(peft_config(model), path / "adapter_config.json", sort_keys=False)
         return path
     write_safetensors(sd, path, metadata={"format": "pt"})
     return path

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from flash.io import atomic_path
 from flash.pipeline import generate
 from flash.seeds import GRID, generator
 from flash.tasks import task_inputs
@@ -22,5 +23,5 @@ def sample_grid(pipe, images, prompts, columns, size, seed, path):
             out.append(generate(pipe, prompts, steps=steps, sampler=sampler, guidance=guidance, height=size,
                                 width=size, progress=False, generator=generator(seed, GRID), **task_kw).cpu())
     grid = torch.cat([torch.cat([col[r] for col in out], dim=2) for r in range(len(prompts))], dim=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray((grid.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)).save(path)
+    with atomic_path(path) as tmp:      # a kill mid-write leaves the previous grid, never a truncated one
+        Image.fromarray((grid.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)).save(tmp, format="PNG")

@@ -249,7 +249,8 @@ def flash_timesteps(steps, num_train_timesteps=1000):
     """The modes the Flash student is trained on: 1 -> [999], 2 -> [999, 499], 4 -> [999, 749, 499, 249].
     Other counts follow the same rule t_i = T - 1 - i (T // steps) (untrained, for experiments)."""
     if not isinstance(steps, int) or not 1 <= steps <= num_train_timesteps:
-        raise ValueError(f"flash: steps must be an integer >= 1, got {steps!r}")
+        raise ValueError(f"flash: steps must be an integer in [1, {num_train_timesteps}] (the model's training "
+                         f"timesteps), got {steps!r}")
     return [num_train_timesteps - 1 - i * (num_train_timesteps // steps) for i in range(steps)]
 
 
