@@ -154,7 +154,7 @@ def read_index(root):
                               f"weights.load_unet / load_vae / load_transformer / load_text_encoder")
     index = read_config(root, "model_index.json")
     name = index.get("_class_name")
-    kind = PIPELINE_CLASSES.get(name)
+    kind = PIPELINE_CLASSES.get(name) if isinstance(name, str) else None
     if kind is None:
         raise CheckpointError(f"{root / 'model_index.json'}: _class_name {name!r} is not supported "
                               f"(supported: {', '.join(PIPELINE_CLASSES)})")
@@ -192,8 +192,12 @@ def load_folder(root, dtype=torch.float32, variant=None, family=None):
         """The component's folder: here, else the base's; listed with a class (not [null, null])."""
         for folder, listing in ((root, index), (base, base_index)):
             entry = listing.get(component)
-            if folder is not None and isinstance(entry, list) and entry[-1] is not None \
-                    and (folder / component).is_dir():
+            if folder is None or entry is None:
+                continue
+            if not (isinstance(entry, list) and len(entry) == 2):
+                raise CheckpointError(f"{folder / 'model_index.json'}: {component} must be [library, class] "
+                                      f"(or [null, null]), got {str(entry)[:60]}")
+            if entry[-1] is not None and (folder / component).is_dir():
                 return folder / component
         return None
 
