@@ -1,5 +1,6 @@
 """Safetensors I/O shared by every loader: find a component's weight files, read them (sharded or not,
-fp16 variants), refuse pickles, and load a state dict into a model built on the meta device.
+fp16 variants), refuse pickles, and load a state dict into a model built on the meta device. Also every
+write of the project (safetensors, JSON, text, PNG: atomically) and its bounded reads of text and JSON.
 
 Loading never holds two copies of the weights: the model is built on the meta device (no storage), and
 `load_state_dict(assign=True)` makes the tensors read from the file the model's parameters.
@@ -12,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from PIL import Image
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
@@ -72,6 +74,19 @@ def write_safetensors(state_dict, path, metadata=None):
 def write_text(text, path):
     with atomic_path(path) as tmp:
         Path(tmp).write_text(text, encoding="utf-8")
+
+
+def to_uint8(images):
+    """Float images (..., 3, H, W) in [0, 1] -> uint8 numpy (..., H, W, 3), rounded half to even."""
+    x = (images.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+    return x.movedim(-3, -1).numpy()
+
+
+def write_png(image, path, pnginfo=None):
+    """A PIL image or a uint8 (H, W[, C]) array -> a PNG at `path`, atomically (atomic_path)."""
+    image = image if isinstance(image, Image.Image) else Image.fromarray(image)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=pnginfo)
 
 
 def write_json(obj, path, indent=2, sort_keys=True):
