@@ -13,8 +13,11 @@ Reads top to bottom: parse, build (load the pipeline and any LoRAs), sample (fla
 and model in the PNG's text metadata. With no --model, the shipped default weights/digits/ is used
 (recipes/digits.sh trains it) and, for the flash / lcm samplers, its Flash LoRA (flash_lora.safetensors) is
 fused in; with no prompt it draws the ten digits (flash.data.caption_for(0..9)). The same seed gives the
-same image as diffusers' pipeline for that model and scheduler (see flash/pipeline.py). Errors the user can
-cause end in one line on stderr, exit 2.
+same image as diffusers' pipeline for that model and scheduler (see flash/pipeline.py). A run draws at most
+256 images (flash.cli.MAX_IMAGES), in chunks, placed in the grid as 8-bit pieces as they come; sides are
+capped at 4x the model's trained size and a run that would not fit in memory is refused first (flash/budget.py).
+Errors the user can cause end in one line on stderr, exit 2, before the model load where the argument alone
+is wrong (numbers, --out); the PNG is written to a temporary file and renamed, so a failure leaves the old one.
 
 Tasks (flash/tasks.py): the model's own `task` decides (a 9-channel UNet inpaints, ...); --task picks the
 shipped digits demo weights/digits-TASK when there is no --model (its Flash LoRA fused for flash / lcm, as

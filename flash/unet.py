@@ -324,6 +324,8 @@ class UNetConfig:
         if not isinstance(config, dict):
             source = str(config)
             config = read_json(config, "unet config")
+        if isinstance(config, dict) and "upcast_attention" in config and config["upcast_attention"] is None:
+            config = {**config, "upcast_attention": False}      # SDXL's config says null
         kwargs = checked_kwargs(cls, config, source)
         for key, allowed in _ONLY.items():
             value = config.get(key, allowed[0])
@@ -332,7 +334,6 @@ class UNetConfig:
             if value not in allowed:
                 raise ValueError(f"{source}: {key}={value!r} is not supported (supported: {allowed[0]!r})")
         cfg = cls(**kwargs)
-        cfg.upcast_attention = bool(cfg.upcast_attention)   # SDXL's config says null
         cfg.validate(source)
         return cfg
 
