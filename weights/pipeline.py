@@ -33,8 +33,10 @@ from pathlib import Path
 import torch
 
 from flash import clip
+from flash.config_check import checked_kwargs
 from flash.lora import load_lora
 from flash.pipeline import Pipeline
+from flash.schedule import NoiseSchedule
 from flash.tokenizer import CLIP_EOS, clip_tokenizer, load_tokenizer, read_clip_vocab
 from flash.io import CheckpointError, load_into, read_config, read_safetensors, refuse_pickle
 from weights import single_file
@@ -226,6 +228,9 @@ def load_folder(root, dtype=torch.float32, variant=None, family=None):
     schedulers = [d / "scheduler" for d in (root, base) if d and (d / "scheduler" / "scheduler_config.json").is_file()]
     if schedulers:
         scheduler = read_config(schedulers[0], "scheduler_config.json")
+        # its fields checked now (the schedule itself is built per sampler, at sampling time)
+        checked_kwargs(NoiseSchedule, {k: v for k, v in scheduler.items() if k != "trained_betas"},
+                       schedulers[0] / "scheduler_config.json")
     else:
         scheduler = dict(SCHEDULER_CONFIGS[family])
     return Pipeline(family=family, vae=vae, text_encoders=text_encoders, tokenizers=tokenizers,
