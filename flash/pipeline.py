@@ -54,7 +54,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from flash.budget import MAX_SIDE_FACTOR, check_memory, decode_chunk, denoise_chunk, max_side
-from flash.schedule import SAMPLERS, NoiseSchedule, cfg, randn, sample
+from flash.schedule import SAMPLERS, NoiseSchedule, cfg, max_steps, randn, sample
 from flash.tasks import TASKS, binarize_mask, extra_channels, inpaint_condition, upscale_condition
 
 PIXART_MAX_LENGTH = 120     # PixArt-alpha trained with 120 T5 tokens (its paper, Sec. 3.1)
@@ -360,8 +360,8 @@ def check_size(pipe, height, width, what=None):
     for name, v in (("height", height), ("width", width)):
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0 or v % m or v > top:
             if what:
-                raise ValueError(f"{what}: {width}x{height} pixels; this model needs sides that are multiples "
-                                 f"of {m}, at most {top}")
+                raise ValueError(f"{what} gives a {width}x{height} image; this model draws sides that are "
+                                 f"multiples of {m}, at most {top}")
             raise ValueError(f"{name} must be a positive multiple of {m}, at most {top} for this model "
                              f"({MAX_SIDE_FACTOR} x its {pipe.default_size}), got {v!r}")
 
@@ -434,7 +434,8 @@ def generate_chunks(pipe, prompts=None, steps=4, sampler="flash", guidance=None,
     height, width = task_size(pipe, n, height, width, image, mask, upscale, adapter_image)
     height, width = height or pipe.default_size, width or pipe.default_size
     from_image = pipe.task != "text-to-image" and asked == (None, None)
-    check_size(pipe, height, width, "the condition image" + (f" x {upscale}" if upscale else "") if from_image else None)
+    what = f"the low-res image x {upscale}" if upscale else "the condition image"
+    check_size(pipe, height, width, what if from_image else None)
     check_memory(pipe, n * batch, height, width, guidance > 1, kept)
     channels = pipe.vae.config.latent_channels
     want = channels + extra_channels(pipe.task, channels)
@@ -451,6 +452,9 @@ def generate_chunks(pipe, prompts=None, steps=4, sampler="flash", guidance=None,
         generator = torch.Generator("cpu").manual_seed(seed)
     f, total = pipe.vae_scale_factor, cond.context.shape[0]
     schedule = schedule_for(sampler, pipe.scheduler_config)
+    if steps > max_steps(sampler, schedule):
+        raise ValueError(f"steps: {sampler} takes at most {max_steps(sampler, schedule)} steps on this model's "
+                         f"schedule, got {steps}")
     step = denoise_chunk(height, width)
     image_cond = None
     with _progress(steps * math.ceil(total / step), progress, sampler) as bar:

@@ -252,7 +252,7 @@ def flash_timesteps(steps, num_train_timesteps=1000):
     """The modes the Flash student is trained on: 1 -> [999], 2 -> [999, 499], 4 -> [999, 749, 499, 249].
     Other counts follow the same rule t_i = T - 1 - i (T // steps) (untrained, for experiments)."""
     if not isinstance(steps, int) or not 1 <= steps <= num_train_timesteps:
-        raise ValueError(f"flash: steps must be an integer >= 1, got {steps!r}")
+        raise ValueError(f"flash: steps must be an integer in [1, {num_train_timesteps}], got {steps!r}")
     return [num_train_timesteps - 1 - i * (num_train_timesteps // steps) for i in range(steps)]
 
 
@@ -377,6 +377,11 @@ def sample_lcm(model_fn, noise, timesteps, schedule, generator=None):
 def sample_flash(model_fn, noise, steps, schedule, generator=None):
     """The Flash student's sampler: LCM sampling on flash_timesteps(steps), no guidance."""
     return sample_lcm(model_fn, noise, flash_timesteps(steps, schedule.num_train_timesteps), schedule, generator)
+
+
+def max_steps(name, schedule):
+    """The most steps sampler `name` can take on `schedule`: LCM's distillation grid, else T."""
+    return schedule.original_inference_steps if name == "lcm" else schedule.num_train_timesteps
 
 
 def sample(name, model_fn, noise, steps, schedule, generator=None, spacing=None, eta=0.0):
