@@ -112,6 +112,8 @@ def check_args(args):
 def read_prompts(args):
     prompts = list(args.prompt)
     if args.prompts_file:
+        if not Path(args.prompts_file).exists():
+            raise FileNotFoundError(f"--prompts-file {args.prompts_file}: no such file")
         text = read_text(args.prompts_file, "prompts file", limit=MAX_PROMPTS_BYTES)
         lines = [line.strip() for line in text.splitlines() if line.strip()]
         if not lines:
