@@ -100,6 +100,8 @@ def check_outputs(args):
         raise ValueError(f"--seed must be in [0, {SEEDS_MAX}), got {args.seed}")
     if args.json and args.json != "-":
         check_output(args.json, "--json")
+        if not Path(args.json).parent.is_dir():
+            raise ValueError(f"--json {args.json}: no such folder {Path(args.json).parent}")
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
         raise ValueError(f"--out {args.out}: exists and is not a folder")
     if args.out:
