@@ -34,14 +34,15 @@ from pathlib import Path
 
 import torch
 
-from flash.cli import DEFAULT_LORA, DEFAULT_MODEL, DTYPES, TASKS, Parser, check_device, default_model, dtype_name
+from flash.cli import (DEFAULT_LORA, DEFAULT_MODEL, DTYPES, TASKS, Parser, check_device, check_finite, check_output,
+                       default_model, dtype_name)
 from flash.evaluate import (IMAGES_MAX, REAL_TOTAL, SEEDS_MAX, TEACHER_GUIDANCE, Row, evaluate, load_metrics,
                             readme_rows, table)
 from flash.distributed import barrier, cleanup, setup_distributed
 from flash.evaluate_coco import CocoMetrics, draw_subset, generate_images, markdown_row, read_captions, score
 from flash.evaluate_tasks import TaskRow, evaluate_task
 from flash.evaluate_tasks import readme_rows as task_readme_rows, table as task_table
-from flash.io import CheckpointError
+from flash.io import CheckpointError, write_text
 from flash.metrics import load_inception
 from flash.pipeline import default_guidance
 from flash.schedule import SAMPLERS
@@ -92,8 +93,24 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def check_outputs(args):
+    """The numbers and output paths that would otherwise fail after the whole evaluation, checked first."""
+    check_finite("--guidance", args.guidance)
+    if not 0 <= args.seed < SEEDS_MAX:
+        raise ValueError(f"--seed must be in [0, {SEEDS_MAX}), got {args.seed}")
+    if args.json and args.json != "-":
+        check_output(args.json, "--json")
+        if not Path(args.json).parent.is_dir():
+            raise ValueError(f"--json {args.json}: no such folder {Path(args.json).parent}")
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out}: exists and is not a folder")
+    if args.out:
+        check_output(Path(args.out) / "results.json", "--out")
+
+
 def check_args(args):
     """Fail before the (slow) model load on arguments that are wrong whatever the model."""
+    check_outputs(args)
     if args.n is None:
         args.n = REAL_TOTAL if args.task else 1000
     for name, low in (("n", 2), ("batch", 1), ("steps", 1)):
@@ -108,8 +125,6 @@ def check_args(args):
         raise ValueError("--upscale sets the factor of --task upscale; drop it or pass --task upscale")
     if not 2 <= args.real <= REAL_TOTAL:
         raise ValueError(f"--real must be in [2, {REAL_TOTAL}], got {args.real}")
-    if not 0 <= args.seed < SEEDS_MAX:
-        raise ValueError(f"--seed must be in [0, {SEEDS_MAX}), got {args.seed}")
     if args.rows and (args.sampler or args.steps):
         raise ValueError("--rows evaluates fixed samplers and steps; drop --sampler / --steps")
     default = default_model(args.task)
@@ -120,8 +135,6 @@ def check_args(args):
     if lora is not None and not lora.exists():
         hint = " (--rows needs the student's LoRA)" if args.rows else ""
         raise ValueError(f"--lora {lora}: no such file or folder{hint}")
-    if args.json and args.json != "-" and not Path(args.json).parent.is_dir():
-        raise ValueError(f"--json {args.json}: no such folder {Path(args.json).parent}")
     check_device(args.device)
     return model, lora
 
@@ -166,6 +179,7 @@ def rows_for(args, lora):
 
 def check_coco_args(args):
     """Fail before loading anything, on every rank alike (a rank that failed alone would hang the others)."""
+    check_outputs(args)
     for name in ("coco_images", "clip", "out", "n"):
         if getattr(args, name) is None:
             raise ValueError(f"--coco needs --{name.replace('_', '-')}")
@@ -226,8 +240,8 @@ def run_coco(args):
               "guidance": guidance, "seed": args.seed, "clip": str(args.clip), "captions": str(args.coco),
               "world": d.world, **result, "markdown": row}
     out = Path(args.out)
-    (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "results.md").write_text(f"{header}\n{row}\n")
+    write_text(json.dumps(report, indent=2) + "\n", out / "results.json")
+    write_text(f"{header}\n{row}\n", out / "results.md")
     print(f"{header}\n{row}")
     return report
 
@@ -276,7 +290,7 @@ def write_json(report, dest):
     if dest == "-":
         print(text)
     else:
-        Path(dest).write_text(text + "\n")
+        write_text(text + "\n", dest)
 
 
 if __name__ == "__main__":

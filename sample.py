@@ -13,8 +13,11 @@ Reads top to bottom: parse, build (load the pipeline and any LoRAs), sample (fla
 and model in the PNG's text metadata. With no --model, the shipped default weights/digits/ is used
 (recipes/digits.sh trains it) and, for the flash / lcm samplers, its Flash LoRA (flash_lora.safetensors) is
 fused in; with no prompt it draws the ten digits (flash.data.caption_for(0..9)). The same seed gives the
-same image as diffusers' pipeline for that model and scheduler (see flash/pipeline.py). Errors the user can
-cause end in one line on stderr, exit 2.
+same image as diffusers' pipeline for that model and scheduler (see flash/pipeline.py). A run draws at most
+256 images (flash.cli.MAX_IMAGES), in chunks, placed in the grid as 8-bit pieces as they come; sides are
+capped at 4x the model's trained size and a run that would not fit in memory is refused first (flash/budget.py).
+Errors the user can cause end in one line on stderr, exit 2, before the model load where the argument alone
+is wrong (numbers, --out); the PNG is written to a temporary file and renamed, so a failure leaves the old one.
 
 Tasks (flash/tasks.py): the model's own `task` decides (a 9-channel UNet inpaints, ...); --task picks the
 shipped digits demo weights/digits-TASK when there is no --model (its Flash LoRA fused for flash / lcm, as
@@ -35,11 +38,12 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from flash.cli import (DEFAULT_LORA, DEFAULT_MODEL, DTYPES, TASKS, Parser, check_device, default_model, dtype_name,
+from flash.cli import (DEFAULT_LORA, DEFAULT_MODEL, DTYPES, MAX_IMAGE_SIDE, MAX_IMAGES, MAX_PROMPTS_BYTES, TASKS,
+                       Parser, check_device, check_finite, check_output, check_seed, default_model, dtype_name,
                        parse_lora)
 from flash.data import caption_for
-from flash.io import CheckpointError
-from flash.pipeline import default_guidance, generate
+from flash.io import CheckpointError, read_text, to_uint8, write_png
+from flash.pipeline import default_guidance, generate_chunks
 from flash.schedule import SAMPLERS
 from weights import load_pipeline_with_loras
 
@@ -54,7 +58,8 @@ def parse_args(argv=None):
     a("--prompt", action="append", default=[],
       help="a prompt; repeat the flag for several (default with the shipped model: the ten digit captions; "
            "with a shipped task demo: the empty prompt)")
-    a("--prompts-file", help="a text file with one prompt per line (blank lines skipped), added to --prompt")
+    a("--prompts-file", help="a UTF-8 text file with one prompt per line (blank lines skipped), added to "
+                             "--prompt; it must hold at least one")
     a("--negative-prompt", help="what to steer away from (only used with CFG, i.e. --guidance > 1)")
     a("--steps", type=int, default=4, help="number of denoiser evaluations (default: %(default)s)")
     a("--sampler", choices=SAMPLERS, default="flash",
@@ -65,8 +70,10 @@ def parse_args(argv=None):
     a("--seed", type=int, default=0, help="seed of torch.Generator('cpu'), as diffusers uses it (default: %(default)s)")
     a("--height", type=int, help="image height in pixels (default: the model's trained size; a task model's "
                                  "comes from --image)")
-    a("--width", type=int, help="image width in pixels (default: as --height)")
-    a("--batch", type=int, default=1, help="images per prompt (default: %(default)s)")
+    a("--width", type=int, help="image width in pixels (default: the model's trained size; a task model's "
+                                "comes from --image)")
+    a("--batch", type=int, default=1, help=f"images per prompt (default: %(default)s); at most {MAX_IMAGES} images "
+                                           "in all (prompts x batch), drawn in chunks (flash/budget.py)")
     a("--image", help="inpaint: the image; upscale: the low-res image; adapter: the condition image (e.g. an edge "
                       "map, read as grayscale for a 1-channel adapter); used at its own size")
     a("--mask", help="inpaint: the mask, the image's size, white = repaint")
@@ -90,8 +97,10 @@ def check_args(args):
         v = getattr(args, name)
         if v is not None and (v <= 0 or v % 8):
             raise ValueError(f"--{name} must be a positive multiple of 8, got {v}")
-    if Path(args.out).suffix.lower() != ".png":
-        raise ValueError(f"--out must name a .png file, got {args.out}")
+    check_finite("--guidance", args.guidance)
+    check_finite("--adapter-scale", args.adapter_scale)
+    check_seed(args.seed)
+    check_output(args.out, "--out", ".png")
     for flag, path in (("--image", args.image), ("--mask", args.mask)):
         if path is not None and not Path(path).is_file():
             raise FileNotFoundError(f"{flag} {path}: no such file")
@@ -103,20 +112,22 @@ def check_args(args):
 def read_prompts(args):
     prompts = list(args.prompt)
     if args.prompts_file:
-        path = Path(args.prompts_file)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise FileNotFoundError(f"--prompts-file {path}: no such file") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise ValueError(f"--prompts-file {path}: not readable as UTF-8 text ({type(e).__name__})") from None
-        prompts += [line.strip() for line in text.splitlines() if line.strip()]
+        if not Path(args.prompts_file).exists():
+            raise FileNotFoundError(f"--prompts-file {args.prompts_file}: no such file")
+        text = read_text(args.prompts_file, "prompts file", limit=MAX_PROMPTS_BYTES)
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        if not lines:
+            raise ValueError(f"--prompts-file {args.prompts_file}: no prompt in it (only blank lines)")
+        prompts += lines
     if not prompts and args.model is None and args.task:     # a shipped task demo: the image alone decides
         prompts = [""]
     if not prompts and args.model is None:      # the shipped digits model: one image per digit
         prompts = [caption_for(d) for d in range(10)]
     if not prompts:
         raise ValueError("no prompt: pass --prompt TEXT (repeatable) or --prompts-file FILE")
+    if len(prompts) * args.batch > MAX_IMAGES:
+        raise ValueError(f"{len(prompts)} prompt{'s' * (len(prompts) > 1)} x --batch {args.batch} = "
+                         f"{len(prompts) * args.batch} images; one run draws at most {MAX_IMAGES} (one grid)")
     return prompts
 
 
@@ -156,11 +167,14 @@ def read_image(path, flag, mode):
     """An image file -> (1, C, H, W) floats in [0, 1] (mode "RGB" or "L")."""
     try:
         with Image.open(path) as im:
-            x = np.asarray(im.convert(mode), dtype=np.float32) / 255
+            size = im.size                          # from the header: a huge image is refused undecoded
+            x = np.asarray(im.convert(mode), dtype=np.float32) / 255 if max(size) <= MAX_IMAGE_SIDE else None
     except FileNotFoundError:
         raise FileNotFoundError(f"{flag} {path}: no such file") from None
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise ValueError(f"{flag} {path}: not a readable image ({type(e).__name__})") from None
+    if x is None:
+        raise ValueError(f"{flag} {path}: {size[0]}x{size[1]} pixels, over {MAX_IMAGE_SIDE} a side")
     x = torch.from_numpy(x)
     return (x[None, None] if x.ndim == 2 else x.permute(2, 0, 1)[None]).contiguous()
 
@@ -187,24 +201,32 @@ def read_condition(args, pipe, model):
     return {"image": image, "mask": mask}, image * (1 - repaint / 2) + red * repaint / 2
 
 
-def to_grid(images, cols):
-    """(N, 3, H, W) floats in [0, 1] -> one uint8 (rows*H, cols*W, 3) array, row-major, black padding."""
-    n, _, h, w = images.shape
-    rows = math.ceil(n / cols)
-    grid = torch.zeros(3, rows * h, cols * w)
-    for i, img in enumerate(images.float().cpu()):
-        r, c = divmod(i, cols)
-        grid[:, r * h:(r + 1) * h, c * w:(c + 1) * w] = img
-    return (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+def grid_layout(n, prompts, batch, picture):
+    """-> (rows, columns, cell(i) = (row, column) of output image i). With a task's input picture, a row
+    per prompt: the input, then its outputs; else row-major, a row per prompt when --batch > 1."""
+    if picture is not None:
+        return len(prompts), batch + 1, lambda i: (i // batch, i % batch + 1)
+    cols = batch if len(prompts) > 1 and batch > 1 else math.ceil(math.sqrt(n))
+    cols = 5 if n == 10 else cols                 # the ten digits as 2 rows of 5, not 4 x 3 with 2 holes
+    return math.ceil(n / cols), cols, lambda i: divmod(i, cols)
 
 
-def save(images, args, prompts, model, guidance, picture=None, task="text-to-image"):
-    cols = args.batch if len(prompts) > 1 and args.batch > 1 else math.ceil(math.sqrt(len(images)))
-    cols = 5 if len(images) == 10 else cols       # the ten digits as 2 rows of 5, not 4 x 3 with 2 holes
-    if picture is not None:                       # a row per prompt: the input, then its outputs
-        rows = images.float().cpu().unflatten(0, (len(prompts), args.batch))
-        picture = picture.float().cpu().expand(len(prompts), 1, *images.shape[1:])
-        images, cols = torch.cat([picture, rows], dim=1).flatten(0, 1), args.batch + 1
+def save(chunks, args, prompts, model, guidance, picture=None, task="text-to-image"):
+    """Place the images of each chunk (generate_chunks) in one uint8 grid as they come (black padding), then
+    write the PNG atomically -> (path, number of images, (width, height))."""
+    n = len(prompts) * args.batch
+    rows, cols, cell = grid_layout(n, prompts, args.batch, picture)
+    grid, done = None, 0
+    for chunk in chunks:
+        for piece in to_uint8(chunk):
+            if grid is None:
+                h, w = piece.shape[:2]
+                grid = np.zeros((rows * h, cols * w, 3), np.uint8)
+                for r in range(rows if picture is not None else 0):
+                    grid[r * h:(r + 1) * h, :w] = to_uint8(picture[0])
+            r, c = cell(done)
+            grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = piece
+            done += 1
     info = PngInfo()
     task_meta = [("task", task), ("image", args.image), ("mask", args.mask or ""), ("upscale", args.upscale or ""),
                  ("adapter_scale", args.adapter_scale)] if task != "text-to-image" else []
@@ -213,10 +235,8 @@ def save(images, args, prompts, model, guidance, picture=None, task="text-to-ima
                        ("guidance", guidance), ("batch", args.batch), ("model", str(model)),
                        ("lora", " ".join(args.lora))]:
         info.add_text(key, str(value))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(to_grid(images, cols)).save(out, pnginfo=info)
-    return out
+    write_png(grid, args.out, pnginfo=info)
+    return Path(args.out), done, (w, h)
 
 
 def main(argv=None):
@@ -231,14 +251,14 @@ def main(argv=None):
         pipe, model = build(args)
         condition, picture = read_condition(args, pipe, model)
         guidance = default_guidance(args.sampler) if args.guidance is None else args.guidance
-        images = generate(pipe, prompts, steps=args.steps, sampler=args.sampler, guidance=guidance,
-                          height=args.height, width=args.width, seed=args.seed,
-                          negative_prompt=args.negative_prompt, batch=args.batch, **condition)
-        out = save(images, args, prompts, model, guidance, picture, pipe.task)
+        chunks = generate_chunks(pipe, prompts, steps=args.steps, sampler=args.sampler, guidance=guidance,
+                                 height=args.height, width=args.width, seed=args.seed,
+                                 negative_prompt=args.negative_prompt, batch=args.batch, kept=1, **condition)
+        out, n, (w, h) = save(chunks, args, prompts, model, guidance, picture, pipe.task)
     except (CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    print(f"wrote {out} ({len(images)} image{'s' * (len(images) > 1)}, {images.shape[-1]}x{images.shape[-2]})")
+    print(f"wrote {out} ({n} image{'s' * (n > 1)}, {w}x{h})")
     return 0
 
 

@@ -13,11 +13,12 @@ the released adapters (TencentARC t2iadapter_*_sd15v2, t2i-adapter-*-sdxl-1.0) l
 `full_adapter_xl` at the third level only (SDXL's three down levels plus its mid block). The light adapter
 is not implemented (a ValueError names it).
 """
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch.nn as nn
+
+from flash.config_check import checked_kwargs
+from flash.io import read_json
 
 
 class AdapterResnetBlock(nn.Module):
@@ -119,9 +120,8 @@ class AdapterConfig:
         """A diffusers config.json (a dict, or a path to the file). Unknown keys are ignored."""
         if not isinstance(config, dict):
             source = str(config)
-            config = json.loads(Path(config).read_text())
-        cfg = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()
-                     if k in cls.__dataclass_fields__})
+            config = read_json(config, "adapter config")
+        cfg = cls(**checked_kwargs(cls, config, source))
         if cfg.adapter_type not in ("full_adapter", "full_adapter_xl"):
             raise ValueError(f"{source}: adapter_type={cfg.adapter_type!r} is not supported "
                              "(full_adapter, full_adapter_xl)")

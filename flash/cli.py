@@ -1,6 +1,9 @@
 """What the command-line scripts (sample.py, eval.py, train.py) share: the one-line argparse error, the
-dtype names and their default, and where the shipped demo models live."""
+dtype names and their default, where the shipped demo models live, and the up-front checks of numbers and
+output paths (so that a bad value fails in one line before the model load, not after the work)."""
 import argparse
+import math
+import os
 from pathlib import Path
 
 import torch
@@ -10,6 +13,9 @@ DEFAULT_MODEL = ROOT / "weights" / "digits"          # the shipped default (reci
 DEFAULT_LORA = "flash_lora.safetensors"              # inside a shipped model folder: its Flash student
 TASKS = ("inpaint", "upscale", "adapter")            # beyond text-to-image: shipped as weights/digits-TASK
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+MAX_IMAGES = 256                                     # images of one sample.py run (prompts x --batch, one grid)
+MAX_PROMPTS_BYTES = 1 << 20                          # a --prompts-file
+MAX_IMAGE_SIDE = 8192                                # a condition image (--image, --mask), before decoding it
 
 
 class Parser(argparse.ArgumentParser):
@@ -46,9 +52,46 @@ def dtype_name(name, device):
 
 
 def parse_lora(spec):
-    """"path" or "path:scale" (a trailing ":number"; other colons belong to the path)."""
+    """"path" or "path:scale" (a trailing ":number"; other colons belong to the path). A non-finite scale
+    (path:nan, path:inf) is a one-line ValueError."""
     path, _, scale = spec.rpartition(":")
     try:
-        return (path, float(scale)) if path else (spec, 1.0)
+        parsed = (path, float(scale)) if path else (spec, 1.0)
     except ValueError:
         return spec, 1.0
+    check_finite(f"--lora {spec}: the scale", parsed[1])
+    return parsed
+
+
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1      # what torch.Generator.manual_seed takes
+
+
+def check_finite(flag, value):
+    """A number that must be finite (guidance, scales): NaN or inf would blacken every image silently."""
+    if value is not None and not math.isfinite(value):
+        raise ValueError(f"{flag} must be a finite number, got {value}")
+
+
+def check_seed(seed, flag="--seed"):
+    if not SEED_MIN <= seed <= SEED_MAX:
+        raise ValueError(f"{flag} must be in [-2**63, 2**64 - 1] (torch.Generator's range), got {seed}")
+
+
+def check_output(path, flag, suffix=None):
+    """An output file path checked before any work: not a folder or another non-regular file, in a folder
+    that exists or can be made (no file in the way) and that this user can write (the file is written
+    beside and renamed over, flash.io.atomic_path). suffix: the extension it must have (".png")."""
+    path = Path(path)
+    if suffix and path.suffix.lower() != suffix:
+        raise ValueError(f"{flag} must name a {suffix} file, got {path}")
+    if path.is_dir():
+        raise ValueError(f"{flag} {path}: is a folder; name a file")
+    if path.exists() and not path.is_file():
+        raise ValueError(f"{flag} {path}: exists and is not a regular file")
+    folder = path.parent
+    while not folder.exists():           # the nearest existing ancestor decides whether mkdir can work
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"{flag} {path}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: the folder {folder} is not writable")

@@ -16,7 +16,7 @@ Deviations from transformers:
 
 The image tower (flash/clip_vision.py) reuses the encoder blocks with `causal=False`.
 """
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 import kernels
+from flash.config_check import checked_kwargs
 from flash.layers import LayerNorm
 
 
@@ -194,8 +195,8 @@ ACTIVATIONS = ("quick_gelu", "gelu")
 
 def from_config_json(d):
     """A transformers config.json dict -> CLIPTextConfig. Unknown keys are ignored; unsupported values raise."""
-    names = {f.name for f in fields(CLIPTextConfig)}
-    cfg = CLIPTextConfig(**{k: v for k, v in d.items() if k in names and k != "with_projection"})
+    kwargs = checked_kwargs(CLIPTextConfig, d, None)
+    cfg = CLIPTextConfig(**{k: v for k, v in kwargs.items() if k != "with_projection"})
     cfg = replace(cfg, with_projection="CLIPTextModelWithProjection" in (d.get("architectures") or []))
     if cfg.hidden_act not in ACTIVATIONS:
         raise ValueError(f"hidden_act={cfg.hidden_act!r} is not supported (expected one of {', '.join(ACTIVATIONS)})")

@@ -27,13 +27,14 @@ training resolution); positions are an `arange` at forward time, not a buffer; `
 `image_embeds` (the eval needs nothing else).
 """
 import functools
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from flash.clip import ACTIVATIONS, CLIPEncoder
+from flash.config_check import checked_kwargs
 from flash.layers import LayerNorm
 
 # OpenAI CLIP's normalisation, measured on its training set; every CLIP checkpoint here was trained with it.
@@ -74,8 +75,7 @@ def from_config_json(d):
     Unknown keys are ignored; unsupported values raise ValueError naming the field."""
     if "vision_config" in d:
         d = dict(d["vision_config"] or {}, **{k: d[k] for k in ("projection_dim",) if k in d})
-    names = {f.name for f in fields(CLIPVisionConfig)}
-    cfg = CLIPVisionConfig(**{k: v for k, v in d.items() if k in names})
+    cfg = CLIPVisionConfig(**checked_kwargs(CLIPVisionConfig, d, None))
     if cfg.hidden_act not in ACTIVATIONS:
         raise ValueError(f"hidden_act={cfg.hidden_act!r} is not supported (expected one of {', '.join(ACTIVATIONS)})")
     if cfg.hidden_size % cfg.num_attention_heads:

@@ -23,9 +23,7 @@ Deviations from diffusers (on CPU in fp32 the outputs agree bitwise, except for 
 - Dropout, attention processors and fused-QKV switches are left out. Gradient checkpointing is per block
   (`enable_gradient_checkpointing`, as flash/unet.py).
 """
-import json
-from dataclasses import dataclass, fields, replace
-from pathlib import Path
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -34,6 +32,8 @@ from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
 import kernels
+from flash.config_check import checked_kwargs
+from flash.io import read_json
 from flash.layers import Attention, FeedForward, TimestepEmbedding, timestep_embedding
 
 
@@ -273,10 +273,9 @@ class PixArtConfig:
         if isinstance(source, dict):
             cfg, name = source, "config"
         else:
-            try:
-                cfg = json.loads(Path(source).read_text())
-            except (OSError, ValueError) as e:
-                raise ValueError(f"{source}: cannot read a JSON config ({type(e).__name__}: {e})") from None
+            cfg = read_json(source, "transformer config")
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{name}: must hold a JSON object ({{...}}), got a {type(cfg).__name__}")
         if cfg.get("_class_name", "PixArtTransformer2DModel") not in ("PixArtTransformer2DModel", "Transformer2DModel"):
             raise ValueError(f"{name}: _class_name={cfg['_class_name']!r} is not a PixArt transformer config")
         if cfg.get("_class_name") == "Transformer2DModel" and cfg.get("norm_type") != "ada_norm_single":
@@ -291,10 +290,9 @@ class PixArtConfig:
                                  f"(only {value!r})")
         if cfg.get("cross_attention_dim", 1) is None:
             raise ValueError(f"{name}: cross_attention_dim=None (no cross-attention) is not supported")
-        known = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in cfg.items() if k in known}
-        if kw.get("out_channels", 0) is None:  # diffusers: out_channels=None means "same as in_channels"
-            kw["out_channels"] = kw.get("in_channels", cls.in_channels)
+        if cfg.get("out_channels", 0) is None:  # diffusers: out_channels=None means "same as in_channels"
+            cfg = {**cfg, "out_channels": cfg.get("in_channels", cls.in_channels)}
+        kw = checked_kwargs(cls, cfg, name)
         return cls(**kw)
 
 

@@ -25,9 +25,6 @@ Protocol (fixed, so a rerun, or a run on another number of GPUs, reproduces the 
   rerun that changes nothing reads them back instead of recomputing.
 """
 import hashlib
-import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +34,7 @@ from tqdm import tqdm
 
 from flash.clip_vision import clip_score, preprocess
 from flash.evaluate import image_seed
-from flash.io import cached_features
+from flash.io import cached_features, read_json, to_uint8, write_png
 from flash.metrics import fid_from_features, inception_features
 from flash.pipeline import generate
 
@@ -59,7 +56,7 @@ class Entry:
 def read_captions(path):
     """A COCO captions annotation JSON -> {image_id: (file_name, caption)}, one caption per image (the
     annotation with the smallest id); images without a caption are dropped."""
-    data = json.loads(Path(path).read_text())
+    data = read_json(path, "COCO captions file", limit=1 << 28)
     try:
         files = {im["id"]: im["file_name"] for im in data["images"]}
         best = {}
@@ -96,19 +93,6 @@ def is_done(path, size):
         return False
 
 
-def write_png(image, path):
-    """(3, H, W) float in [0, 1] -> an 8-bit RGB PNG, atomically (temporary file, then os.replace)."""
-    array = (image.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        Image.fromarray(array).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def generate_images(pipe, entries, out, steps, sampler, guidance, seed=0, batch=8, rank=0, world=1,
                     progress=True):
     """Write this rank's missing images -> the number written now.
@@ -135,7 +119,7 @@ def generate_images(pipe, entries, out, steps, sampler, guidance, seed=0, batch=
                               generator=gens, progress=False)
             for e, image in zip(block, images):
                 if e.index in missing:
-                    write_png(image, image_path(out, e.index))
+                    write_png(to_uint8(image), image_path(out, e.index))
             written += len(missing)
             bar.update(len(missing))
     return written

@@ -1,5 +1,6 @@
 """Safetensors I/O shared by every loader: find a component's weight files, read them (sharded or not,
-fp16 variants), refuse pickles, and load a state dict into a model built on the meta device.
+fp16 variants), refuse pickles, and load a state dict into a model built on the meta device. Also every
+write of the project (safetensors, JSON, text, PNG: atomically) and its bounded reads of text and JSON.
 
 Loading never holds two copies of the weights: the model is built on the meta device (no storage), and
 `load_state_dict(assign=True)` makes the tensors read from the file the model's parameters.
@@ -12,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from PIL import Image
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
@@ -74,6 +76,19 @@ def write_text(text, path):
         Path(tmp).write_text(text, encoding="utf-8")
 
 
+def to_uint8(images):
+    """Float images (..., 3, H, W) in [0, 1] -> uint8 numpy (..., H, W, 3), rounded half to even."""
+    x = (images.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+    return x.movedim(-3, -1).numpy()
+
+
+def write_png(image, path, pnginfo=None):
+    """A PIL image or a uint8 (H, W[, C]) array -> a PNG at `path`, atomically (atomic_path)."""
+    image = image if isinstance(image, Image.Image) else Image.fromarray(image)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=pnginfo)
+
+
 def write_json(obj, path, indent=2, sort_keys=True):
     """Keys sorted as diffusers writes them (pass sort_keys=False to keep a vocabulary's id order)."""
     write_text(json.dumps(obj, indent=indent, sort_keys=sort_keys, ensure_ascii=False) + "\n", path)
@@ -84,9 +99,9 @@ def write_json(obj, path, indent=2, sort_keys=True):
 MAX_TEXT_BYTES = 64 << 20     # configs, vocabularies, captions, prompt files: far above any real one
 
 
-def read_text(path, what="file", limit=MAX_TEXT_BYTES):
-    """A regular file's text, refused in one line (ValueError naming it) when it is missing, not a regular
-    file (a device, a FIFO, a folder: /dev/zero would never end), over `limit` bytes, or not UTF-8."""
+def read_bytes(path, what="file", limit=MAX_TEXT_BYTES):
+    """A regular file's bytes, refused in one line (ValueError naming it) when it is missing, not a regular
+    file (a device, a FIFO, a folder: /dev/zero would never end), or over `limit` bytes."""
     path = Path(path)
     try:
         st = path.stat()
@@ -100,6 +115,12 @@ def read_text(path, what="file", limit=MAX_TEXT_BYTES):
         data = f.read(limit + 1)          # the size can change between stat and read
     if len(data) > limit:
         raise ValueError(f"{path}: {what} is over the {limit:,}-byte limit")
+    return data
+
+
+def read_text(path, what="file", limit=MAX_TEXT_BYTES):
+    """read_bytes, decoded: also refused when it is not UTF-8."""
+    data = read_bytes(path, what, limit)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -108,10 +129,13 @@ def read_text(path, what="file", limit=MAX_TEXT_BYTES):
 
 def read_json(path, what="JSON file", limit=MAX_TEXT_BYTES):
     """read_text, parsed; a syntax error is one line naming the file, the line and the column."""
+    text = read_text(path, what, limit)
     try:
-        return json.loads(read_text(path, what, limit))
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: {what} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except (ValueError, RecursionError) as e:      # a 5000-digit number, arrays nested 10^6 deep
+        raise ValueError(f"{path}: {what} is not usable JSON ({type(e).__name__})") from None
 
 
 def cached_features(path, key, compute, field="key"):
@@ -157,11 +181,16 @@ def read_weights(path):
     if path.suffix != ".json":
         return read_safetensors(path)
     try:
-        weight_map = json.loads(path.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{path}: not a valid shard index ({type(e).__name__}: {e})") from None
+        index = read_json(path, "shard index")
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{path}: not a valid shard index (needs a \"weight_map\" object of key -> shard file)")
     state = {}
     for shard in sorted(set(weight_map.values())):
+        if Path(shard).name != shard:       # shards lie beside their index, never elsewhere
+            raise CheckpointError(f"{path}: shard {shard!r} is not a file name in the index's folder")
         part = read_safetensors(path.parent / shard)
         state.update({k: v for k, v in part.items() if weight_map.get(k) == shard})
     missing = sorted(set(weight_map) - set(state))
@@ -172,13 +201,17 @@ def read_weights(path):
 
 
 def read_config(folder, name="config.json"):
+    """A component's config (or model_index.json): a JSON object, bounded (read_json), else CheckpointError."""
     path = Path(folder) / name
+    if not path.exists():
+        raise CheckpointError(f"{path}: missing (a model folder needs its {name})")
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing (a model folder needs its {name})") from None
+        config = read_json(path, name)
     except ValueError as e:
-        raise CheckpointError(f"{path}: not valid JSON: {e}") from None
+        raise CheckpointError(str(e)) from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: must hold a JSON object ({{...}}), got a {type(config).__name__}")
+    return config
 
 
 def _examples(keys, n=3):

@@ -24,6 +24,7 @@ Formats read and written (docs/method.md, "LoRA"):
 Text-encoder keys (text_encoder., lora_te*) are skipped: this file adapts one denoiser.
 """
 import json
+import math
 import re
 from collections import Counter
 from contextlib import contextmanager
@@ -33,7 +34,7 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
-from flash.io import read_safetensors, write_json, write_safetensors
+from flash.io import read_json, read_safetensors, write_json, write_safetensors
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 # The reference's PixArt list also names "proj_in", but the PixArt transformer has no module of that name (its
@@ -265,10 +266,17 @@ def from_diffusers(sd, metadata=None):
         elif m := re.fullmatch(r"(.+?)\.(?:lora_(A|B)|lora\.(down|up))\.weight", k):
             pairs.setdefault(m.group(1), {})["A" if (m.group(2) == "A" or m.group(3) == "down") else "B"] = v
         elif k.endswith(".alpha"):
+            if v.numel() != 1:
+                raise ValueError(f"{k}: a LoRA alpha is one number, got shape {tuple(v.shape)}")
             alphas[k[:-len(".alpha")]] = float(v)
     meta = {}
     if metadata and metadata.get("lora_adapter_metadata"):
-        packed = json.loads(metadata["lora_adapter_metadata"])
+        try:
+            packed = json.loads(metadata["lora_adapter_metadata"])
+        except (ValueError, RecursionError):
+            packed = None
+        if not isinstance(packed, dict):
+            raise ValueError("LoRA metadata lora_adapter_metadata is not a JSON object")
         meta = {k.split(".", 1)[1]: v for k, v in packed.items() if k.startswith(("unet.", "transformer."))}
     out = {}
     for name, ab in pairs.items():
@@ -323,10 +331,9 @@ def read_lora(source):
         else:
             raise ValueError(f"{source}: no adapter_model.safetensors or pytorch_lora_weights.safetensors here")
     if (path.parent / "adapter_config.json").is_file() and path.name == "adapter_model.safetensors":
-        try:
-            config = json.loads((path.parent / "adapter_config.json").read_text())
-        except ValueError:
-            raise ValueError(f"{path.parent / 'adapter_config.json'}: not valid JSON") from None
+        config = read_json(path.parent / "adapter_config.json", "adapter_config.json")
+        if not isinstance(config, dict):
+            raise ValueError(f"{path.parent / 'adapter_config.json'}: must hold a JSON object")
     sd = read_safetensors(path)
     with safe_open(str(path), "pt") as f:
         metadata = f.metadata() or {}
@@ -385,7 +392,13 @@ def load_lora(model, source, scale=1.0, fuse=False, dtype=None):
         sd, metadata, config, name = source, {}, None, "LoRA state dict"
     else:
         sd, metadata, config, name = read_lora(source)
+    if not math.isfinite(float(scale)):
+        raise ValueError(f"{name}: the LoRA scale must be a finite number, got {scale}")
     lora = parse_lora(sd, model, metadata, config, name)
+    # checked before anything is changed: one NaN fused into the weights blackens every image, silently
+    for n, (A, B, alpha) in lora.items():
+        if not (torch.isfinite(A).all() and torch.isfinite(B).all() and math.isfinite(float(alpha))):
+            raise ValueError(f"{name}: the LoRA of {n} holds NaN or infinite values")
     with torch.no_grad():
         for n, (A, B, alpha) in lora.items():
             layer = model.get_submodule(n)

@@ -53,8 +53,9 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from flash.budget import MAX_SIDE_FACTOR, check_memory, decode_chunk, denoise_chunk, max_side
 from flash.graphs import graphed
-from flash.schedule import SAMPLERS, NoiseSchedule, cfg, randn, sample
+from flash.schedule import SAMPLERS, NoiseSchedule, cfg, max_steps, randn, sample
 from flash.tasks import TASKS, binarize_mask, extra_channels, inpaint_condition, upscale_condition
 
 PIXART_MAX_LENGTH = 120     # PixArt-alpha trained with 120 T5 tokens (its paper, Sec. 3.1)
@@ -343,17 +344,28 @@ def task_condition(pipe, height, width, image=None, mask=None, adapter_image=Non
 
 @torch.no_grad()
 def decode(pipe, latents):
-    """Latents (B, 4, h, w) in the denoiser's scale -> float images (B, 3, H, W) in [0, 1]."""
+    """Latents (B, 4, h, w) in the denoiser's scale -> float images (B, 3, H, W) in [0, 1], decoded
+    budget.decode_chunk images at a time (the decoder's full-resolution activations are the peak)."""
     vae = pipe.vae
-    z = vae.unscale_latents(latents.float()).to(next(vae.parameters()).dtype)
-    return (vae.decode(z).float() / 2 + 0.5).clamp(0, 1)
+    step = decode_chunk(*(s * pipe.vae_scale_factor for s in latents.shape[-2:]))
+    out = []
+    for z in latents.split(step):
+        z = vae.unscale_latents(z.float()).to(next(vae.parameters()).dtype)
+        out.append((vae.decode(z).float() / 2 + 0.5).clamp(0, 1))
+    return torch.cat(out)
 
 
-def check_size(pipe, height, width):
-    m = pipe.size_multiple
+def check_size(pipe, height, width, what=None):
+    """Sides a positive multiple of pipe.size_multiple, at most budget.max_side; `what` names where the
+    size came from when the caller did not ask for it (a task's condition image)."""
+    m, top = pipe.size_multiple, max_side(pipe)
     for name, v in (("height", height), ("width", width)):
-        if not isinstance(v, int) or v <= 0 or v % m:
-            raise ValueError(f"{name} must be a positive multiple of {m} for this model, got {v!r}")
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0 or v % m or v > top:
+            if what:
+                raise ValueError(f"{what} gives a {width}x{height} image; this model draws sides that are "
+                                 f"multiples of {m}, at most {top}")
+            raise ValueError(f"{name} must be a positive multiple of {m}, at most {top} for this model "
+                             f"({MAX_SIDE_FACTOR} x its {pipe.default_size}), got {v!r}")
 
 
 # Keys a scheduler config may lack whose default differs between the diffusers classes that run the samplers
@@ -375,11 +387,19 @@ def default_guidance(sampler):
 
 
 @torch.no_grad()
-def generate(pipe, prompts=None, steps=4, sampler="flash", guidance=None, height=None, width=None, seed=0,
-             generator=None, negative_prompt=None, batch=1, progress=True, eta=0.0,
-             prompt_embeds=None, negative_embeds=None, image=None, mask=None, upscale=None, adapter_image=None,
-             adapter_scale=1.0):
-    """Prompts -> float images (len(prompts) * batch, 3, H, W) in [0, 1], image i*batch + j for prompt i.
+def generate(pipe, prompts=None, **kwargs):
+    """Prompts -> float images (len(prompts) * batch, 3, H, W) in [0, 1], image i*batch + j for prompt i:
+    generate_chunks (same arguments) gathered."""
+    return torch.cat(list(generate_chunks(pipe, prompts, **kwargs)))
+
+
+@torch.no_grad()
+def generate_chunks(pipe, prompts=None, steps=4, sampler="flash", guidance=None, height=None, width=None,
+                    seed=0, generator=None, negative_prompt=None, batch=1, progress=True, eta=0.0,
+                    prompt_embeds=None, negative_embeds=None, image=None, mask=None, upscale=None,
+                    adapter_image=None, adapter_scale=1.0, kept=4):
+    """Prompts -> float images in [0, 1], yielded in chunks (C, 3, H, W) of budget.denoise_chunk images
+    (all of them when they fit one chunk), in the order image i*batch + j for prompt i.
 
     The initial latents are drawn as diffusers draws them: randn (B, C, H/f, W/f) from `generator` (by
     default torch.Generator("cpu").manual_seed(seed)) in the model dtype; the same generator then gives the
@@ -389,8 +409,14 @@ def generate(pipe, prompts=None, steps=4, sampler="flash", guidance=None, height
     Task pipelines (module docstring), condition images (1 or one per prompt, c, H, W) in [0, 1]:
     inpaint: image + mask at the output size; upscale: image (low-res) and the integer factor `upscale`;
     adapter: adapter_image at the output size, its features scaled by adapter_scale.
+    Chunks: the noise of a chunk, then its sampler's draws, come from the generator before the next chunk's
+    (a list of generators: each image's own); within one chunk the draws are diffusers'. The memory
+    estimate (flash/budget.py; `kept` bytes per value of the images the caller keeps) is checked first.
     """
     guidance = default_guidance(sampler) if guidance is None else float(guidance)
+    for name, value in (("guidance", guidance), ("adapter_scale", float(adapter_scale))):
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value}")
     if prompt_embeds is not None:
         cond, uncond = prompt_embeds, (negative_embeds if guidance > 1 else None)
         if guidance > 1 and uncond is None:
@@ -406,9 +432,13 @@ def generate(pipe, prompts=None, steps=4, sampler="flash", guidance=None, height
     if not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be an integer >= 1, got {batch!r}")
     n = len(prompts) if prompt_embeds is None else cond.context.shape[0]
+    asked = (height, width)
     height, width = task_size(pipe, n, height, width, image, mask, upscale, adapter_image)
     height, width = height or pipe.default_size, width or pipe.default_size
-    check_size(pipe, height, width)
+    from_image = pipe.task != "text-to-image" and asked == (None, None)
+    what = f"the low-res image x {upscale}" if upscale else "the condition image"
+    check_size(pipe, height, width, what if from_image else None)
+    check_memory(pipe, n * batch, height, width, guidance > 1, kept)
     channels = pipe.vae.config.latent_channels
     want = channels + extra_channels(pipe.task, channels)
     if pipe.denoiser.config.in_channels != want:
@@ -422,22 +452,36 @@ def generate(pipe, prompts=None, steps=4, sampler="flash", guidance=None, height
 
     if generator is None:
         generator = torch.Generator("cpu").manual_seed(seed)
-    f = pipe.vae_scale_factor
-    noise = randn((cond.context.shape[0], channels, height // f, width // f), generator, pipe.device, pipe.dtype)
-    # After the noise: diffusers' inpainting pipeline draws the masked-image latent sample second.
-    image_cond = task_condition(pipe, height, width, image, mask, adapter_image, adapter_scale, generator)
-    image_cond = {k: _rows(v, lambda x: x.to(pipe.device).expand(n, *x.shape[1:]).repeat_interleave(batch, 0))
-                  for k, v in image_cond.items()}
-
+    f, total = pipe.vae_scale_factor, cond.context.shape[0]
     schedule = schedule_for(sampler, pipe.scheduler_config)
-    model_fn = make_model_fn(pipe, cond, uncond, guidance, height, width, image_cond)
-    with _progress(steps, progress, sampler) as bar:
-        def counted(x, t):
-            out = model_fn(x, t)
-            bar.update(1)
-            return out
-        latents = sample(sampler, counted, noise, steps, schedule, generator, eta=eta)
-    return decode(pipe, latents)
+    if steps > max_steps(sampler, schedule):
+        raise ValueError(f"steps: {sampler} takes at most {max_steps(sampler, schedule)} steps on this model's "
+                         f"schedule, got {steps}")
+    step = denoise_chunk(height, width)
+    image_cond = None
+    with _progress(steps * math.ceil(total / step), progress, sampler) as bar:
+        for first in range(0, total, step):
+            rows = slice(first, min(first + step, total))
+            gen = generator[rows] if isinstance(generator, (list, tuple)) else generator
+            noise = randn((rows.stop - first, channels, height // f, width // f), gen, pipe.device, pipe.dtype)
+            if image_cond is None:
+                # After the noise: diffusers' inpainting pipeline draws the masked-image latent sample second.
+                image_cond = task_condition(pipe, height, width, image, mask, adapter_image, adapter_scale, generator)
+            prompt_of = torch.arange(first, rows.stop) // batch
+            chunk_cond = {k: _rows(v, lambda x: x.to(pipe.device).expand(n, *x.shape[1:])[prompt_of.to(pipe.device)])
+                          for k, v in image_cond.items()}
+            model_fn = make_model_fn(pipe, _slice(cond, rows), None if uncond is None else _slice(uncond, rows),
+                                     guidance, height, width, chunk_cond)
+
+            def counted(x, t):
+                out = model_fn(x, t)
+                bar.update(1)
+                return out
+            yield decode(pipe, sample(sampler, counted, noise, steps, schedule, gen, eta=eta))
+
+
+def _slice(c, rows):
+    return Conditioning(*(None if v is None else v[rows] for v in c))
 
 
 def _progress(total, enabled, desc):

@@ -2,11 +2,9 @@
 sampler setting, every column drawn from the same initial noise so that the columns differ only by the
 model and the sampler (e.g. a distilled student at 1, 2 and 4 steps beside its teacher at 25).
 """
-import numpy as np
 import torch
-from PIL import Image
 
-from flash.io import atomic_path
+from flash.io import to_uint8, write_png
 from flash.pipeline import generate
 from flash.seeds import GRID, generator
 from flash.tasks import task_inputs
@@ -23,5 +21,4 @@ def sample_grid(pipe, images, prompts, columns, size, seed, path):
             out.append(generate(pipe, prompts, steps=steps, sampler=sampler, guidance=guidance, height=size,
                                 width=size, progress=False, generator=generator(seed, GRID), **task_kw).cpu())
     grid = torch.cat([torch.cat([col[r] for col in out], dim=2) for r in range(len(prompts))], dim=1)
-    with atomic_path(path) as tmp:      # a kill mid-write leaves the previous grid, never a truncated one
-        Image.fromarray((grid.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)).save(tmp, format="PNG")
+    write_png(to_uint8(grid), path)

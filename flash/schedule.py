@@ -28,13 +28,15 @@ behaviours are reproduced on purpose and marked "diffusers:" where they occur:
 Not supported (clear error in `from_config`): cosine / zero-SNR / Karras-type sigma schedules,
 thresholding, "sample" prediction. Learned-variance outputs (PixArt) are split off by the caller.
 """
-import json
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from flash.config_check import checked_kwargs
+from flash.io import read_json
 
 SPACINGS = ("leading", "trailing", "linspace")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -90,11 +92,9 @@ class NoiseSchedule:
         a way this file does not implement raise a ValueError naming the key.
         """
         if isinstance(config, (str, Path)):
-            path = Path(config)
-            try:
-                config = json.loads(path.read_text())
-            except (OSError, ValueError) as e:
-                raise ValueError(f"{path}: not a readable scheduler config ({type(e).__name__})") from None
+            config = read_json(config, "scheduler config")
+        if not isinstance(config, dict):
+            raise ValueError(f"scheduler config: must be a JSON object, got a {type(config).__name__}")
         unsupported = {"thresholding": False, "rescale_betas_zero_snr": False, "use_karras_sigmas": False,
                        "use_exponential_sigmas": False, "use_beta_sigmas": False, "use_lu_lambdas": False,
                        "use_flow_sigmas": False, "interpolation_type": "linear", "timestep_type": "discrete",
@@ -104,10 +104,13 @@ class NoiseSchedule:
                 raise ValueError(f"scheduler config: {key}={config[key]!r} is not supported (only {ok!r})")
         if config.get("lambda_min_clipped", -math.inf) != -math.inf:
             raise ValueError("scheduler config: a finite lambda_min_clipped is not supported")
-        names = {f.name for f in fields(cls) if f.init}
-        kw = {k: v for k, v in config.items() if k in names}
-        if kw.get("trained_betas") is None:
-            kw.pop("trained_betas", None)
+        kw = checked_kwargs(cls, {k: v for k, v in config.items() if k != "trained_betas"}, "scheduler config")
+        betas = config.get("trained_betas")
+        if betas is not None:
+            if not (isinstance(betas, list) and 2 <= len(betas) <= 100_000 and all(
+                    isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
+                raise ValueError("scheduler config: trained_betas must be a list of 2 to 100000 numbers in [0, 1)")
+            kw["trained_betas"] = betas
         # A missing timestep_spacing takes the default of the scheduler class that wrote the config.
         if "timestep_spacing" not in kw:
             linspace_default = ("EulerDiscreteScheduler", "DPMSolverMultistepScheduler",
@@ -375,6 +378,11 @@ def sample_lcm(model_fn, noise, timesteps, schedule, generator=None):
 def sample_flash(model_fn, noise, steps, schedule, generator=None):
     """The Flash student's sampler: LCM sampling on flash_timesteps(steps), no guidance."""
     return sample_lcm(model_fn, noise, flash_timesteps(steps, schedule.num_train_timesteps), schedule, generator)
+
+
+def max_steps(name, schedule):
+    """The most steps sampler `name` can take on `schedule`: LCM's distillation grid, else T."""
+    return schedule.original_inference_steps if name == "lcm" else schedule.num_train_timesteps
 
 
 def sample(name, model_fn, noise, steps, schedule, generator=None, spacing=None, eta=0.0):

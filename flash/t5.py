@@ -15,7 +15,7 @@ Deviation: transformers' fp16 clamp keeps |x| <= max - 1000 only once an inf app
 fp16 activations to that range (identical unless a value lies within 1000 of the fp16 maximum).
 """
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 import kernels
+from flash.config_check import checked_kwargs
 
 
 def relative_position_bucket(relative_position, num_buckets=32, max_distance=128):
@@ -199,8 +200,7 @@ CONFIGS = {
 
 def from_config_json(d):
     """A transformers config.json dict -> T5Config. Unknown keys are ignored; unsupported values raise."""
-    names = {f.name for f in fields(T5Config)}
-    cfg = T5Config(**{k: v for k, v in d.items() if k in names})
+    cfg = T5Config(**checked_kwargs(T5Config, d, None))
     if cfg.feed_forward_proj != "gated-gelu":
         raise ValueError(f"feed_forward_proj={cfg.feed_forward_proj!r} is not supported "
                          f"(only the T5 v1.1 'gated-gelu')")

@@ -34,7 +34,7 @@ from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as Backend
 from tokenizers.models import BPE, Unigram
 
-from flash.io import CheckpointError
+from flash.io import CheckpointError, read_bytes, read_json, read_text
 
 # OpenAI's pattern: contractions, letter runs, ONE digit per token, runs of other non-space symbols.
 CLIP_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
@@ -108,11 +108,14 @@ class TextTokenizer:
 def read_clip_vocab(vocab_path, merges_path):
     """vocab.json -> {token: id}; merges.txt -> [(left, right)] in priority order (header line skipped)."""
     try:
-        vocab = json.loads(Path(vocab_path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{vocab_path}: not a readable JSON vocabulary ({type(e).__name__})") from None
+        vocab = read_json(vocab_path, "vocabulary")
+        merges_text = read_text(merges_path, "merges file")
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
+        raise CheckpointError(f"{vocab_path}: a vocabulary must be a JSON object of token -> integer id")
     merges = []
-    for n, line in enumerate(Path(merges_path).read_text(encoding="utf-8").split("\n")):
+    for n, line in enumerate(merges_text.split("\n")):
         if not line.strip() or (n == 0 and line.startswith("#version")):
             continue
         pair = line.split()
@@ -220,7 +223,7 @@ def read_spiece(path):
     eos/pad ids}, NormalizerSpec{2 precompiled_charsmap, 3 add_dummy_prefix, 4 remove_extra_whitespaces}."""
     m = SentencePieceModel()
     try:
-        for number, value in _fields(Path(path).read_bytes()):
+        for number, value in _fields(read_bytes(path, "sentencepiece model")):
             if number == 1:
                 piece, score, kind = "", 0.0, 1
                 for n, v in _fields(value):
@@ -280,10 +283,15 @@ def t5_tokenizer(spm, extra_ids=100, model_max_length=512, source="spiece.model"
 # ------------------------------------------------------------------------------------------- folders
 
 def _read_json(path):
+    if not path.exists():
+        return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not readable JSON ({type(e).__name__})") from None
+        config = read_json(path)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: must hold a JSON object ({{...}}), got a {type(config).__name__}")
+    return config
 
 
 def _token(value):  # special tokens are stored as "text" or as {"content": "text", "lstrip": ..., ...}
@@ -315,7 +323,8 @@ def load_tokenizer(folder, max_length=None):
                             str(folder / "spiece.model"))
     if (folder / "tokenizer.json").is_file():
         path = folder / "tokenizer.json"
-        model_type = _read_json(path).get("model", {}).get("type")
+        model = _read_json(path).get("model")
+        model_type = model.get("type") if isinstance(model, dict) else None
         try:
             backend = Backend.from_file(str(path))
         except Exception as e:  # the Rust side raises a bare Exception for any parse error

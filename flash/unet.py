@@ -24,16 +24,15 @@ Deviations: only the configurations released for SD1.x/2.x/XL are supported (oth
 naming the field); attention masks, ControlNet residuals, class labels and GLIGEN are not.
 `upcast_attention` is accepted and always honoured: the attention kernel keeps softmax statistics in fp32.
 """
-import dataclasses
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
+from flash.config_check import checked_kwargs
+from flash.io import read_json
 from flash.layers import (Attention, Downsample2D, FeedForward, GroupNorm, LayerNorm, ResnetBlock2D,
                           TimestepEmbedding, Upsample2D, timestep_embedding)
 
@@ -324,16 +323,17 @@ class UNetConfig:
         value would change the network in a way this file does not implement raise a ValueError."""
         if not isinstance(config, dict):
             source = str(config)
-            config = json.loads(Path(config).read_text())
+            config = read_json(config, "unet config")
+        if isinstance(config, dict) and "upcast_attention" in config and config["upcast_attention"] is None:
+            config = {**config, "upcast_attention": False}      # SDXL's config says null
+        kwargs = checked_kwargs(cls, config, source)
         for key, allowed in _ONLY.items():
             value = config.get(key, allowed[0])
             if isinstance(value, list) and value and all(v in allowed for v in value):
                 continue
             if value not in allowed:
                 raise ValueError(f"{source}: {key}={value!r} is not supported (supported: {allowed[0]!r})")
-        names = {f.name for f in dataclasses.fields(cls)}
-        cfg = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in names})
-        cfg.upcast_attention = bool(cfg.upcast_attention)   # SDXL's config says null
+        cfg = cls(**kwargs)
         cfg.validate(source)
         return cfg
 

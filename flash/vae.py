@@ -14,14 +14,13 @@ Deviations: no slicing; tiled decode keeps only one previous row of decoded tile
 diffusers' `tiled_decode`); the encoder is never tiled. `force_upcast` (the SDXL VAE overflows in fp16) is
 honoured by keeping the weights in fp32 and casting inputs up and outputs back.
 """
-import dataclasses
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from flash.config_check import checked_kwargs
+from flash.io import read_json
 from flash.layers import Attention, Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D
 
 
@@ -260,14 +259,14 @@ class VAEConfig:
         """A diffusers config.json (a dict, or a path to the file). Unknown keys are ignored."""
         if not isinstance(config, dict):
             source = str(config)
-            config = json.loads(Path(config).read_text())
+            config = read_json(config, "vae config")
+        kwargs = checked_kwargs(cls, config, source)
         if config.get("act_fn", "silu") != "silu":
             raise ValueError(f"{source}: act_fn={config['act_fn']!r} is not supported (only 'silu')")
         for key in ("latents_mean", "latents_std"):
             if config.get(key) is not None:
                 raise ValueError(f"{source}: {key} is not supported (per-channel latent statistics)")
-        names = {f.name for f in dataclasses.fields(cls)}
-        cfg = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in names})
+        cfg = cls(**kwargs)
         cfg.validate(source)
         return cfg
 

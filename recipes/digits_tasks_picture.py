@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from flash.cli import DEFAULT_LORA  # noqa: E402
 from flash.data import Digits, caption_for  # noqa: E402
+from flash.io import write_png  # noqa: E402
 from flash.lora import lora_disabled  # noqa: E402
 from flash.pipeline import generate  # noqa: E402
 from flash.tasks import downsample, edge_map, task_inputs  # noqa: E402
@@ -76,7 +77,7 @@ def stack(out, runs):
     for p in parts:
         canvas.paste(p, (0, y))
         y += p.height + band
-    canvas.save(out)
+    write_png(canvas, out)
     return out
 
 
@@ -92,7 +93,7 @@ def examples(folder):
     for name, x in (("digit", (seven + 1) / 2), ("hole", mask), ("small", (downsample(seven, 4) + 1) / 2),
                     ("edges", edge_map(seven))):
         arr = (x[0].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-        Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(folder / f"{name}.png")
+        write_png(arr[..., 0] if arr.shape[-1] == 1 else arr, folder / f"{name}.png")
     return folder
 
 
@@ -111,7 +112,7 @@ def main(argv=None):
         return 0
     if not (args.model and args.out):
         p.error("--model and --out are needed (or --stack OUT RUN...)")
-    picture(args.model).save(args.out)
+    write_png(picture(args.model), args.out)
     print(f"wrote {args.out}")
     return 0
 

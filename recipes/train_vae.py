@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from flash.cli import Parser  # noqa: E402
 from flash.data import DIGITS_FILE, load_batch, training_set  # noqa: E402
+from flash.io import write_json, write_png  # noqa: E402
 from flash.seeds import GRID, SAMPLE, generator  # noqa: E402
 from weights import load_pipeline  # noqa: E402
 from weights.save import save_pipeline  # noqa: E402
@@ -89,7 +89,7 @@ def train_vae(args):
     vae, out = pipe.vae.float().train().requires_grad_(True), Path(args.out)
     opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(vars(args), indent=2))
+    write_json(vars(args), out / "config.json", sort_keys=False)
     f = pipe.vae_scale_factor
     with open(out / "log.jsonl", "w") as log:
         for step in tqdm(range(args.steps), dynamic_ncols=True):
@@ -109,8 +109,7 @@ def train_vae(args):
     print(f"train_vae.py: scaling_factor = {vae.config.scaling_factor:.5f}", file=sys.stderr)
     pairs = torch.cat([images[:8], recon[:8].detach().clamp(-1, 1)], dim=2)      # originals over reconstructions
     grid = (torch.cat(list(pairs), dim=2).permute(1, 2, 0).numpy() + 1) * 127.5
-    (out / "samples").mkdir(exist_ok=True)
-    Image.fromarray(grid.round().astype(np.uint8)).save(out / "samples" / f"step-{args.steps:07d}.png")
+    write_png(grid.round().astype(np.uint8), out / "samples" / f"step-{args.steps:07d}.png")
     save_pipeline(pipe, out / "final")
 
 

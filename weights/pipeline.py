@@ -33,8 +33,10 @@ from pathlib import Path
 import torch
 
 from flash import clip
+from flash.config_check import checked_kwargs
 from flash.lora import load_lora
 from flash.pipeline import Pipeline
+from flash.schedule import NoiseSchedule
 from flash.tokenizer import CLIP_EOS, clip_tokenizer, load_tokenizer, read_clip_vocab
 from flash.io import CheckpointError, load_into, read_config, read_safetensors, refuse_pickle
 from weights import single_file
@@ -154,7 +156,7 @@ def read_index(root):
                               f"weights.load_unet / load_vae / load_transformer / load_text_encoder")
     index = read_config(root, "model_index.json")
     name = index.get("_class_name")
-    kind = PIPELINE_CLASSES.get(name)
+    kind = PIPELINE_CLASSES.get(name) if isinstance(name, str) else None
     if kind is None:
         raise CheckpointError(f"{root / 'model_index.json'}: _class_name {name!r} is not supported "
                               f"(supported: {', '.join(PIPELINE_CLASSES)})")
@@ -192,8 +194,12 @@ def load_folder(root, dtype=torch.float32, variant=None, family=None):
         """The component's folder: here, else the base's; listed with a class (not [null, null])."""
         for folder, listing in ((root, index), (base, base_index)):
             entry = listing.get(component)
-            if folder is not None and isinstance(entry, list) and entry[-1] is not None \
-                    and (folder / component).is_dir():
+            if folder is None or entry is None:
+                continue
+            if not (isinstance(entry, list) and len(entry) == 2):
+                raise CheckpointError(f"{folder / 'model_index.json'}: {component} must be [library, class] "
+                                      f"(or [null, null]), got {str(entry)[:60]}")
+            if entry[-1] is not None and (folder / component).is_dir():
                 return folder / component
         return None
 
@@ -222,6 +228,9 @@ def load_folder(root, dtype=torch.float32, variant=None, family=None):
     schedulers = [d / "scheduler" for d in (root, base) if d and (d / "scheduler" / "scheduler_config.json").is_file()]
     if schedulers:
         scheduler = read_config(schedulers[0], "scheduler_config.json")
+        # its fields checked now (the schedule itself is built per sampler, at sampling time)
+        checked_kwargs(NoiseSchedule, {k: v for k, v in scheduler.items() if k != "trained_betas"},
+                       schedulers[0] / "scheduler_config.json")
     else:
         scheduler = dict(SCHEDULER_CONFIGS[family])
     return Pipeline(family=family, vae=vae, text_encoders=text_encoders, tokenizers=tokenizers,

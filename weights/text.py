@@ -56,7 +56,10 @@ def build_text_encoder(config_dict, source="config.json"):
         raise CheckpointError(f"{source}: architectures {archs} is not a supported text encoder "
                               f"(expected one of {', '.join(ARCHITECTURES)})")
     if arch == "CLIPModel":   # the text side of a whole CLIP: its projection is the joint-space embedding
-        config_dict = {**config_dict.get("text_config", {}), "projection_dim": config_dict.get("projection_dim", 512),
+        text_config = config_dict.get("text_config") or {}
+        if not isinstance(text_config, dict):
+            raise CheckpointError(f"{source}: text_config must be a JSON object")
+        config_dict = {**text_config, "projection_dim": config_dict.get("projection_dim", 512),
                        "architectures": ["CLIPTextModelWithProjection"]}
     try:
         if arch == "T5EncoderModel":
