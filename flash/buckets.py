@@ -56,19 +56,15 @@ class Bucket:
 
 def bucket_set(family, resolution, multiple):
     """The standard buckets for a family at `resolution`: PixArt's bins (the 512 set up to 512 px), else
-    SDXL's; scaled by resolution / base, sides rounded to `multiple` (duplicates after rounding dropped)."""
+    SDXL's; scaled by resolution / base, sides rounded to `multiple`. Each keeps its ratio key, so an image is
+    classified as at the base resolution; buckets that rounding makes the same size are batched together."""
     if family == "pixart":
         base, table = (512, PIXART_512) if resolution <= 512 else (1024, PIXART_1024)
         pairs = [(float(k), hw) for k, hw in table.items()]
     else:
         base, pairs = 1024, [(h / w, (h, w)) for h, w in SDXL]
-    out, seen = [], set()
-    for ratio, (h, w) in pairs:
-        size = tuple(max(multiple, round(s * resolution / base / multiple) * multiple) for s in (h, w))
-        if size not in seen:
-            seen.add(size)
-            out.append(Bucket(ratio, size))
-    return out
+    return [Bucket(ratio, tuple(max(multiple, round(s * resolution / base / multiple) * multiple) for s in (h, w)))
+            for ratio, (h, w) in pairs]
 
 
 def nearest_bucket(height, width, buckets):

@@ -172,19 +172,20 @@ def stream_length(dataset):
     than a batch, waits for an epoch whose shuffle leaves other samples over)."""
     if getattr(dataset, "bucket_of", None) is None:
         return len(dataset)
-    return sum(c // dataset.batch_size * dataset.batch_size for c in Counter(dataset.bucket_of).values())
+    sizes = Counter(dataset.buckets[j].size for j in dataset.bucket_of)
+    return sum(c // dataset.batch_size * dataset.batch_size for c in sizes.values())
 
 
 def stream_order(dataset, seed, epoch):
     """The dataset indices of an epoch, in stream order: a seeded permutation; with buckets, that permutation
-    split by bucket into whole batches, the batches then shuffled by a second seeded permutation."""
+    split by bucket size into whole batches, the batches then shuffled by a second seeded permutation."""
     if getattr(dataset, "bucket_of", None) is None:
         return epoch_order(len(dataset), seed, epoch)
     plans = dataset.__dict__.setdefault("plans", {})
     if (seed, epoch) not in plans:
         b, members = dataset.batch_size, {}
         for i in epoch_order(len(dataset), seed, epoch).tolist():
-            members.setdefault(dataset.bucket_of[i], []).append(i)
+            members.setdefault(dataset.buckets[dataset.bucket_of[i]].size, []).append(i)
         batches = [ids[j:j + b] for _, ids in sorted(members.items()) for j in range(0, len(ids) - b + 1, b)]
         shuffle = torch.randperm(len(batches), generator=generator(seed, EPOCH, epoch, 1)).tolist()
         plans.clear()

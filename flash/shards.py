@@ -58,7 +58,7 @@ def expand_braces(pattern):
 
 def is_shard_spec(data):
     """Is --data a shard set: a .tar path or pattern, or a folder holding .tar files (and no images)?"""
-    if data.endswith(".tar") or BRACES.search(data):
+    if data.endswith((".tar", ".tar.gz", ".tgz")) or BRACES.search(data):
         return True
     folder = Path(data)
     return folder.is_dir() and any(p.suffix == ".tar" for p in folder.iterdir())
