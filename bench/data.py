@@ -7,9 +7,9 @@ It writes --n synthetic photo-like JPEGs (smooth random colour fields with grain
 px, aspect ratios 1:2 to 2:1, a caption each) to a temporary folder, and the same samples as webdataset
 shards of 500. Then for each source and worker count it reads the whole stream of one rank once through
 flash.data.Stream, exactly as train.py does (decode, crop, resize to --resolution, batch of --batch-size),
-and prints samples per second (after the first batch). The shards' member index is built once first (timed apart: it decodes every
-image, once per data set). The files are fresh, so both sources read from the page cache: this measures
-decoding and resizing, the part that costs CPU on a training node, not the disk.
+and prints samples per second (after the first batch). The shards' member index is built once first (timed
+apart: it decodes every image, once per data set). The files are fresh, so both sources read from the page
+cache: this measures decoding and resizing, the part that costs CPU on a training node, not the disk.
 
 A Flash step at batch b per rank consumes b samples; the loader keeps up as long as one step takes longer
 than b / (samples per second): that time is printed per row. Not a test: run it alone, on an idle machine.

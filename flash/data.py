@@ -143,14 +143,16 @@ class Digits(torch.utils.data.Dataset):
         return self.images[i], caption_for(label, rng, self.empty_prob)
 
 
-def training_set(data, size, caption_key="caption", buckets=None, batch_size=None, cache_dir=None):
+def training_set(data, size, caption_key="caption", buckets=None, batch_size=None, cache_dir=None, processes=1,
+                 share=(0, 1)):
     """--data of the training scripts: "digits" (the training split) without its own 10% empty captions (caption
-    dropout is the trainer's job), tar shards (flash/shards.py: a .tar, a brace pattern, a folder of .tar), or a
-    captioned image folder. With `buckets` (shards only) each epoch is whole batches of `batch_size`."""
+    dropout is the trainer's job), tar shards (flash/shards.py: a .tar, a brace pattern, a folder of .tar,
+    indexed the first time by `processes` processes, this rank's `share` first), or a captioned image folder.
+    With `buckets` (shards only) each epoch is whole batches of `batch_size`."""
     if data == "digits":
         dataset = Digits("train", size=size, empty_prob=0.0)
     elif is_shard_spec(data):
-        dataset = TarShards(shard_paths(data), size, caption_key, buckets, cache_dir)
+        dataset = TarShards(shard_paths(data), size, caption_key, buckets, cache_dir, processes, share)
     else:
         dataset = ImageCaptionFolder(data, size=size)
     if buckets:
@@ -299,7 +301,8 @@ def training_stream(args, pipe, rank, world, start):
     if args.buckets and pipe.task != "text-to-image":
         raise ValueError(f"--buckets: text-to-image only (a {pipe.task} pipeline trains on squares)")
     buckets = bucket_set(pipe.family, args.resolution, pipe.size_multiple) if args.buckets else None
-    dataset = training_set(args.data, args.resolution, args.caption_key, buckets, args.batch_size, args.out)
+    dataset = training_set(args.data, args.resolution, args.caption_key, buckets, args.batch_size, args.out,
+                           max(1, args.workers), (rank, world))
     b, a = args.batch_size, args.grad_accum
     starts = [((s * world + rank) * a + m) * b for s in range(start, args.steps) for m in range(a)]
     skipped = getattr(dataset, "skipped", [])

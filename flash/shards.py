@@ -14,7 +14,9 @@ JSON file: for each good sample the offset and size of its image bytes, its orig
 and SDXL's size conditioning) and its caption; and the samples it skipped, with why. Reading a sample is then
 one seek and one read of its image; --resume, or N ranks each taking their own positions, re-reads nothing.
 The index lives beside the shard (`NAME.tar.index.json`) if that folder is writable, else in the run folder,
-and is rebuilt when the shard's size or mtime, the caption key or the index version change.
+and is rebuilt when the shard's size or mtime, the caption key or the index version change. Indexing is the
+one slow part (JPEGs are decoded at 1/8 scale, which still reads every byte): it runs once per data set, in
+parallel over shards (`index_shards`: worker processes, and the ranks of a run each taking a share first).
 
 Bad samples (a corrupt or undecodable image, a caption that is not UTF-8 or not valid JSON, a truncated shard)
 are decided while indexing, so the decision is the same on every rank and every resume: they are left out of
@@ -26,6 +28,8 @@ import json
 import re
 import tarfile
 import warnings
+from concurrent.futures import ProcessPoolExecutor
+from itertools import repeat
 from pathlib import Path
 
 import torch
@@ -57,7 +61,7 @@ def expand_braces(pattern):
 
 
 def is_shard_spec(data):
-    """Is --data a shard set: a .tar path or pattern, or a folder holding .tar files (and no images)?"""
+    """Is --data a shard set: a .tar path or a brace pattern, or a folder holding .tar files?"""
     if data.endswith((".tar", ".tar.gz", ".tgz")) or BRACES.search(data):
         return True
     folder = Path(data)
@@ -87,6 +91,18 @@ def caption_of(ext, data, caption_key):
     if not isinstance(value, str):
         raise ValueError(f"no string {caption_key!r} in its json")
     return value.strip()
+
+
+def check_image(data):
+    """(width, height) of an image that decodes to the end. A JPEG is decoded at 1/8 scale (PIL's draft mode:
+    every byte is still entropy-decoded, so a truncated or corrupt file fails, at about a third of the cost)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        img = Image.open(io.BytesIO(data))
+        size = img.size
+        img.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
+        img.load()
+    return size
 
 
 def read_image(data):
@@ -133,17 +149,17 @@ def scan(path, caption_key):
                 skipped.append([key, f"bad caption: {str(e)[:80]}"])
                 continue
             try:
-                w, h = read_image(read(image)).size
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+                w, h = check_image(read(image))
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning,
+                    Image.DecompressionBombError) as e:
                 skipped.append([key, f"bad image: {str(e)[:80]}"])
                 continue
             samples.append([key, *image, h, w, caption])
     return samples, skipped
 
 
-def index_shard(path, caption_key="caption", fallback_dir=None):
-    """The shard's index, read from its cache file if still valid, else built and cached (beside the shard, or
-    under `fallback_dir` if that folder is read-only)."""
+def index_places(path, caption_key, fallback_dir):
+    """(stamp, [cache files, in order of preference]) of a shard's index: beside it, then in the run folder."""
     path = Path(path).resolve()
     stat = path.stat()
     stamp = {"version": INDEX_VERSION, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "caption_key": caption_key}
@@ -151,6 +167,12 @@ def index_shard(path, caption_key="caption", fallback_dir=None):
     if fallback_dir is not None:
         digest = hashlib.sha256(str(path).encode()).hexdigest()[:16]
         places.append(Path(fallback_dir) / "shard-index" / f"{path.stem}-{digest}.json")
+    return stamp, places
+
+
+def cached_index(path, caption_key="caption", fallback_dir=None):
+    """The shard's cached index if one is still valid, else None."""
+    stamp, places = index_places(path, caption_key, fallback_dir)
     for place in places:
         try:
             cached = json.loads(place.read_text())
@@ -158,11 +180,20 @@ def index_shard(path, caption_key="caption", fallback_dir=None):
                 return cached
         except (OSError, ValueError):
             pass
-    samples, skipped = scan(path, caption_key)
+    return None
+
+
+def index_shard(path, caption_key="caption", fallback_dir=None):
+    """The shard's index, read from its cache file if still valid, else built and cached (beside the shard, or
+    under `fallback_dir` if that folder is read-only)."""
+    cached = cached_index(path, caption_key, fallback_dir)
+    if cached is not None:
+        return cached
+    stamp, places = index_places(path, caption_key, fallback_dir)
+    samples, skipped = scan(Path(path).resolve(), caption_key)
     index = {"stamp": stamp, "samples": samples, "skipped": skipped}
     for place in places:
         try:
-            place.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(place) as tmp:
                 Path(tmp).write_text(json.dumps(index))
             break
@@ -171,15 +202,37 @@ def index_shard(path, caption_key="caption", fallback_dir=None):
     return index
 
 
+def index_shards(paths, caption_key="caption", fallback_dir=None, processes=1, share=(0, 1)):
+    """index_shard of every path. Shards without a valid cached index are indexed by `processes` processes in
+    parallel (indexing decodes every image: the one slow part, once per data set). share = (rank, world): this
+    rank indexes its own 1/world of them first, so N ranks starting together each index a share (and then find
+    the rest cached) with no barrier to wait at; a shard another rank has not finished is indexed here too."""
+    rank, world = share
+    found = {}
+    for group in (paths[rank::world], paths):
+        todo = []
+        for path in group:
+            if path not in found:
+                index = cached_index(path, caption_key, fallback_dir)
+                todo += [path] if index is None else []
+                found[path] = index
+        if processes > 1 and len(todo) > 1:
+            with ProcessPoolExecutor(min(processes, len(todo))) as pool:
+                found.update(zip(todo, pool.map(index_shard, todo, repeat(caption_key), repeat(fallback_dir))))
+        else:
+            found.update((path, index_shard(path, caption_key, fallback_dir)) for path in todo)
+    return [found[path] for path in paths]
+
+
 class TarShards(torch.utils.data.Dataset):
     """The good samples of a list of shards, in shard and member order, as (image, caption, SizeInfo): the image
     a (3, h, w) tensor in [-1, 1] at the square `size`, or at its bucket's size when `buckets` are given."""
 
-    def __init__(self, paths, size, caption_key="caption", buckets=None, cache_dir=None):
+    def __init__(self, paths, size, caption_key="caption", buckets=None, cache_dir=None, processes=1, share=(0, 1)):
         self.paths, self.size, self.buckets = [Path(p) for p in paths], size, buckets
         self.items, self.skipped = [], []
-        for s, path in enumerate(self.paths):
-            index = index_shard(path, caption_key, cache_dir)
+        indices = index_shards(self.paths, caption_key, cache_dir, processes, share)
+        for s, (path, index) in enumerate(zip(self.paths, indices)):
             self.items += [(s, *sample[1:]) for sample in index["samples"]]
             self.skipped += [(path.name, *bad) for bad in index["skipped"]]
         if not self.items:

@@ -26,7 +26,7 @@ import flash.shards
 import train
 from flash.buckets import PIXART_1024, PIXART_512, SDXL, bucket_set, nearest_bucket, size_info
 from flash.data import DIGITS_FILE, Stream, load_digits, load_samples, stream_length, training_set
-from flash.shards import expand_braces, index_shard, shard_paths
+from flash.shards import expand_braces, index_shard, index_shards, shard_paths
 from helpers import ROOT
 from train_helpers import make_tiny_pixart, make_tiny_sd, make_tiny_sdxl, read_log, read_tensors, run_train
 
@@ -125,6 +125,12 @@ def test_index_is_cached_beside_the_shard_or_in_the_run_folder(tmp_path, monkeyp
     (other / "000000.tar.index.json").mkdir()
     index_shard(other / "000000.tar", fallback_dir=tmp_path / "run")
     assert len(list((tmp_path / "run" / "shard-index").glob("000000-*.json"))) == 1
+    # Indexing shards in parallel processes gives what one process gives.
+    paths = shard_paths(str(make_shards(make_folder(tmp_path / "h", MIXED), tmp_path / "u", 3)))
+    parallel = index_shards(paths, processes=2, share=(1, 2))
+    for path in paths:
+        path.with_name(path.name + ".index.json").unlink()
+    assert parallel == [index_shard(path) for path in paths] and sum(len(i["samples"]) for i in parallel) == 8
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -242,7 +248,8 @@ def test_buckets_one_shape_per_batch_and_size_conditioning(tmp_path, family):
                "--resolution", res, "--buckets", "--sample-every", "3", "--workers", "1"], script=RECORD)
     assert Image.open(out / "samples" / "step-0000003.png").size == (4 * res, 4 * res)    # square previews
     buckets = bucket_set(family, res, 8)
-    originals = {f.read_text(): Image.open(f.with_suffix(".png")).size[::-1] for f in (tmp_path / "folder").glob("*.txt")}
+    originals = {f.read_text(): Image.open(f.with_suffix(".png")).size[::-1]
+                 for f in (tmp_path / "folder").glob("*.txt")}
     batches = seen(out)
     assert len(batches) == 3 and len({tuple(b["shape"]) for b in batches}) == 3     # one epoch: 3 buckets of 2
     for b in batches:
