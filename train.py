@@ -1,7 +1,7 @@
 """Train a denoiser: Flash Diffusion distillation (`--objective flash`) or plain denoising training and
 fine-tuning (`--objective diffusion`, e.g. the digits teacher). One process or `torchrun --nproc_per_node=N`:
 
-    torchrun --nproc_per_node=2 train.py --model PIPELINE --data FOLDER|digits --out runs/x [options]
+    torchrun --nproc_per_node=2 train.py --model PIPELINE --data FOLDER|SHARDS|digits --out runs/x [options]
 
 Paper: Chadebec et al., "Flash Diffusion" (arXiv 2406.02347); docs/method.md has every number and the
 algorithm, flash/losses.py the losses as pure functions. This file reads top to bottom: config, data, models,
@@ -39,7 +39,7 @@ from flash.checkpoint import check_out, load_checkpoint, publish_folder, save_ch
 from flash import preview
 from flash.cli import Parser
 from flash.conditioning import cond_map, encode_text, image_condition, with_image_condition
-from flash.data import DIGITS_FILE, load_batch, training_set
+from flash.data import data_arguments, data_check, training_stream
 from flash.distributed import average_gradients, barrier, broadcast, cleanup, setup_distributed, stop_signals
 from flash.lora import DEFAULT_TARGETS, PIXART_TARGETS, inject_lora, lora_disabled, mark_only_lora_trainable, save_lora
 from flash.losses import (DEFAULTS, DiscriminatorHead, Phase, discriminator_loss, distillation_loss, dmd_loss,
@@ -68,7 +68,7 @@ def parse_args(argv=None):
     p = Parser(prefix="train.py: ", description="Flash Diffusion distillation / diffusion training (docs/method.md)")
     a = p.add_argument
     a("--model", required=True, help="pipeline folder (SD1.5, SDXL, PixArt) or single-file checkpoint")
-    a("--data", required=True, help="folder of images with .txt captions (or captions.jsonl), or 'digits'")
+    data_arguments(a)      # --data (a folder, tar shards, 'digits'), --caption-key, --buckets, --workers
     a("--out", default="runs/train", help="log.jsonl, checkpoint-last/, samples/, final/")
     a("--objective", choices=("flash", "diffusion"), default="flash")
     a("--resolution", type=int, help="image side (default: the denoiser's sample_size x VAE factor)")
@@ -115,8 +115,7 @@ def parse_args(argv=None):
     check(args.K is None or args.K >= 4, f"--K must be >= 4 (the mixture has 4 modes), got {args.K}")
     check(not args.guidance or 0 <= args.guidance[0] <= args.guidance[1], "--guidance needs 0 <= MIN <= MAX")
     check(0 <= args.dmd_tau[0] <= args.dmd_tau[1] <= 999, "--dmd-tau needs 0 <= LOW <= HIGH <= 999")
-    check(args.data == "digits" or Path(args.data).is_dir(), f"--data {args.data}: no such folder (or use digits)")
-    check(args.data != "digits" or DIGITS_FILE.is_file(), f"--data digits: no {DIGITS_FILE}; run flash.data fetch")
+    check(*data_check(args))
     check(0 <= args.caption_dropout <= 1, "--caption-dropout must be in [0, 1]")
     check(not args.train_text_encoder or args.objective == "diffusion", "--train-text-encoder needs --objective diffusion")
     for name, n in (("mode_weights", 4), ("loss_weights", 3)):
@@ -459,7 +458,7 @@ def sample_grid(args, m, images, prompts, step):
 # 7. The loop
 
 
-def accumulate(args, m, d, dataset, step, phase, i, w, w_dmd):
+def accumulate(args, m, d, data, step, phase, i, w, w_dmd):
     """This rank's micro-batches of `step` (the sample stream, flash/data.py): gradients accumulated in .grad,
     the loss terms averaged into a vector (TERMS, student loss, a slot for the stop flag); and the terms."""
     amp = torch.autocast("cuda", torch.bfloat16) if d.device.type == "cuda" and args.precision == "auto" \
@@ -468,11 +467,12 @@ def accumulate(args, m, d, dataset, step, phase, i, w, w_dmd):
     for micro in range(args.grad_accum):
         first = ((step * d.world + d.rank) * args.grad_accum + micro) * args.batch_size
         positions = range(first, first + args.batch_size)
-        images, captions = load_batch(dataset, args.seed, positions)
+        images, captions, sizes = data.batch(positions)     # sizes: each sample's SizeInfo (flash/buckets.py)
         images = images.to(d.device)
-        draws = sample_draws(args, positions, m.latent_shape, d.device)
+        latent_shape = (m.latent_shape[0], *[s // m.pipe.vae_scale_factor for s in images.shape[2:]])   # its bucket's
+        draws = sample_draws(args, positions, latent_shape, d.device)
         with amp:
-            cond = {**encode_text(m.pipe, captions, args.resolution, trainable=m.text_trainable),
+            cond = {**encode_text(m.pipe, captions, sizes, trainable=m.text_trainable),
                     **image_condition(m.pipe, images, draws, m.adapter_trainable)}
             if args.objective == "flash":
                 terms, loss, disc = flash_micro_batch(m, args, images, cond, draws, i, w, w_dmd, phase)
@@ -526,7 +526,7 @@ def train(args):
         m = build_models(args, d.device)
         opts = build_optimizers(args, m)
         start, streak = resume(checkpoint, args, m, opts, d) if checkpoint else (0, 0)
-        dataset = training_set(args.data, args.resolution)
+        data = training_stream(args, m.pipe, d.rank, d.world, start)
     except (ValueError, OSError) as e:       # bad input (CheckpointError is a ValueError): one line, no traceback
         if d.rank == 0:
             print(f"train.py: error: {e}", file=sys.stderr)
@@ -545,13 +545,13 @@ def train(args):
         phase = m.phases[phase_at(step, args.phase_len)]
         i, w, w_dmd = step_draws(args, step, phase) if args.objective == "flash" else (None, None, None)
         # 1, 3-7 on every micro-batch, then the optimiser steps (skipped if anything is not finite).
-        sums, terms = accumulate(args, m, d, dataset, step, phase, i, w, w_dmd)
+        sums, terms = accumulate(args, m, d, data, step, phase, i, w, w_dmd)
         sums[-1] = float(bool(stop))            # any rank's signal stops all
         stats, finite = optimizer_step(args, d, opts, student_params, head_params, sums)
         streak = 0 if finite else streak + 1
         record = log_record(args, m, d, step, phase, i, w, w_dmd, stats, terms, finite)
         if log is not None:
-            log.write(json.dumps(record) + "\n")
+            log.write(json.dumps({**record, **data.counts}) + "\n")
             log.flush()
             bar.set_postfix({k: f"{record[k]:.4g}" for k in TERMS if record.get(k) is not None}, refresh=False)
             bar.update(1)
@@ -565,7 +565,7 @@ def train(args):
             raise SystemExit(f"train.py: stopping at step {step}: {streak} steps in a row had a non-finite loss or "
                              f"gradient; the last finite weights are in {out}/checkpoint-last (lower --lr? bad data?)")
         if d.rank == 0 and args.sample_every and ((step + 1) % args.sample_every == 0 or done):
-            images, captions = load_batch(dataset, args.seed, range(len(prompts) if prompts else min(4, len(dataset))))
+            images, captions = data.preview(len(prompts) if prompts else 4)
             sample_grid(args, m, images, prompts or captions, step + 1)
         if stopping:
             if d.rank == 0:

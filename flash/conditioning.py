@@ -11,10 +11,12 @@ draws, and may need gradients through the text encoder or the adapter when those
 """
 import torch
 
+from flash.buckets import size_condition
 from flash.pipeline import ENCODERS, denoiser_kwargs, encode_prompt
 from flash.tasks import downsample, edge_map, encode, inpaint_condition, upsample
 
 IMAGE_KEYS = ("concat", "adapter_residuals")      # the image condition inside a conditioning dict
+SIZE_KEYS = ("time_ids", "resolution", "aspect_ratio")   # the size conditioning inside added_cond
 
 
 def cond_map(fn, *conds):
@@ -29,9 +31,13 @@ def cond_map(fn, *conds):
 
 def with_image_condition(uncond, cond):
     """The unconditional branch: the text of `uncond` (expanded to the batch), the image condition of `cond`
-    (docs/method.md, "Tasks beyond text-to-image": the condition is present in both CFG branches)."""
+    (docs/method.md, "Tasks beyond text-to-image": the condition is present in both CFG branches), and the size
+    conditioning of `cond` (SDXL's time ids, PixArt's resolution and aspect ratio: per sample, as diffusers'
+    pipelines give both branches the same sizes)."""
     n = cond["context"].shape[0]
     text = cond_map(lambda u: u.expand(n, *u.shape[1:]), uncond)
+    if "added_cond" in text:
+        text["added_cond"] = {**text["added_cond"], **{k: v for k, v in cond["added_cond"].items() if k in SIZE_KEYS}}
     return {**text, **{k: cond[k] for k in IMAGE_KEYS if k in cond}}
 
 
@@ -56,10 +62,17 @@ def encode_text(pipe, prompts, resolution, unconditional=False, trainable=False)
     """Prompts -> the denoiser's keyword arguments, by the family's recipe (flash.pipeline: SD's CLIP states,
     SDXL's two CLIPs + pooled + size ids, PixArt's T5 + mask). Unconditional: the family's own, "" for SD1.5
     and PixArt, zeros for SDXL (docs/method.md, "One training step", step 1). `trainable`: with grad through
-    the text encoder (encode_prompt runs without); SD's unconditional text is then ""."""
+    the text encoder (encode_prompt runs without); SD's unconditional text is then "". `resolution`: the side
+    of square images, or a SizeInfo per prompt (flash/buckets.py) for SDXL's and PixArt's size conditioning."""
     if trainable:
         c = ENCODERS[pipe.family](pipe, [""] * len(prompts) if unconditional else list(prompts))
     else:
         cond, uncond = encode_prompt(pipe, list(prompts), guidance=unconditional)
         c = uncond if unconditional else cond
-    return {"context": c.context, **denoiser_kwargs(pipe, c, resolution, resolution)}
+    if isinstance(resolution, int):
+        return {"context": c.context, **denoiser_kwargs(pipe, c, resolution, resolution)}
+    kw = denoiser_kwargs(pipe, c, *resolution[0].target)
+    if "added_cond" in kw:      # SDXL, PixArt 1024-MS: each sample's own sizes
+        sizes = size_condition(pipe.family, resolution, c.context.dtype, c.context.device)
+        kw["added_cond"] = {**kw["added_cond"], **{k: v for k, v in sizes.items() if k in kw["added_cond"]}}
+    return {"context": c.context, **kw}

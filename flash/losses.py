@@ -290,6 +290,8 @@ class DiscriminatorHead(nn.Module):
             raise ValueError(f"DiscriminatorHead: width must be a multiple of 4 (GroupNorm(4)), got {width}")
         layers = HEADS[preset](in_channels) if preset else _generic_layers(in_channels, size, width)
         self.layers = nn.Sequential(*layers)
+        self.min_size = {"sd15": (8, 8), "sdxl": (32, 32)}.get(preset) or ((size, size) if isinstance(size, int)
+                                                                            else tuple(size))
 
     @classmethod
     def for_features(cls, family, shape):
@@ -299,4 +301,9 @@ class DiscriminatorHead(nn.Module):
         return cls(shape[0], tuple(shape[1:]), preset=family if native == tuple(shape) else None)
 
     def forward(self, features):
+        # A map smaller than the head was built for (an aspect-ratio bucket narrower than the square, e.g. SDXL's
+        # 512 x 2048: 16 x 64 features) is zero-padded, centred, up to it; a larger one gives N > 1 logits.
+        dh, dw = (max(0, m - s) for m, s in zip(self.min_size, features.shape[-2:]))
+        if dh or dw:
+            features = F.pad(features, (dw // 2, dw - dw // 2, dh // 2, dh - dh // 2))
         return self.layers(features).flatten(1)

@@ -46,13 +46,13 @@ def make_images(folder, n=8, size=16, seed=0):
     return folder
 
 
-def run_train(args, nproc=1, fault=None, check=True, timeout=300, background=False):
+def run_train(args, nproc=1, fault=None, check=True, timeout=300, background=False, script=None):
     """Run train.py on CPU (through torchrun when nproc > 1) with one thread per process: on this shared 2-core
     machine OpenMP barriers in 2-thread ops stall for whole time slices. A fault (FLASH_TRAIN_FAULT) or
-    --check-sync runs tests/train_faults.py, train.py with those test hooks, in its place. Returns the
-    CompletedProcess (or the Popen with background=True)."""
+    --check-sync runs tests/train_faults.py, train.py with those test hooks, in its place (`script`: another
+    such wrapper). Returns the CompletedProcess (or the Popen with background=True)."""
     hooked = fault or "--check-sync" in [str(a) for a in args]
-    cmd = [sys.executable, str(ROOT / "tests" / "train_faults.py" if hooked else ROOT / "train.py")]
+    cmd = [sys.executable, str(script or (ROOT / "tests" / "train_faults.py" if hooked else ROOT / "train.py"))]
     if nproc > 1:
         cmd[1:1] = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     env = {k: v for k, v in os.environ.items() if k != "FLASH_TRAIN_FAULT"}
