@@ -88,7 +88,7 @@ def parse_args(argv=None):
     a("--json", metavar="PATH", help="also write the results as JSON to PATH ('-' for stdout)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device (default: %(default)s)")
     a("--dtype", choices=DTYPES, help="weights dtype (default: fp16 on CUDA, fp32 otherwise, CPUs with bf16 units "
-                                               "included: the reference rows; bf16 gives the fast path's)")
+                                      "included: the reference rows; bf16 gives the fast path's)")
     a("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
