@@ -129,7 +129,7 @@ def load_run(run, folder, family):
     from diffusers import LCMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
     cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
     dtype = torch.bfloat16 if run == "diffusers-bf16" else None
-    pipe = cls.from_pretrained(folder, torch_dtype=dtype) if dtype else cls.from_pretrained(folder)
+    pipe = cls.from_pretrained(folder, dtype=dtype) if dtype else cls.from_pretrained(folder)   # diffusers >= 0.36
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     for enc in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
@@ -139,7 +139,7 @@ def load_run(run, folder, family):
     timers.wrap(pipe.vae, "decode", "vae")
     size = SIZES[family]
     return (lambda: pipe(PROMPT, num_inference_steps=4, guidance_scale=0.0, height=size, width=size,
-                         generator=torch.Generator().manual_seed(0), output_type="pt").images), timers, None
+                         generator=torch.Generator().manual_seed(0), output_type="pt").images), timers, pipe.unet
 
 
 def gemm_fraction(pipe, family, unet_s):
@@ -164,7 +164,7 @@ def gemm_fraction(pipe, family, unet_s):
             a @ b
         gemm = 3 * 2 * 4096 ** 3 / (time.perf_counter() - t0)
     unet = flops / unet_s
-    return {"unet_gflop": round(flops / 1e9, 1), "unet_gflops_per_s": round(unet / 1e9, 1),
+    return {"unet_gflop": round(flops / 1e9, 3), "unet_gflops_per_s": round(unet / 1e9, 1),
             "gemm_gflops_per_s": round(gemm / 1e9, 1), "fraction_of_gemm": round(unet / gemm, 3)}
 
 
@@ -179,7 +179,7 @@ def child(run, folder, family):
         make()
         total = time.perf_counter() - t0
     out = {"run": run, "load_s": load_s, "total_s": total, "text_s": sum(timers.times.get("text", [])),
-           "unet_s": timers.times.get("unet", []), "vae_s": sum(timers.times.get("vae", [])),
+           "unet_s": list(timers.times.get("unet", [])), "vae_s": sum(timers.times.get("vae", [])),
            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
            "dtype": str(pipe.dtype).replace("torch.", "") if pipe is not None else None}
     if run == "flash":
