@@ -465,7 +465,7 @@ def sample_grid(args, m, images, prompts, step):
 def accumulate(args, m, d, dataset, step, phase, i, w, w_dmd):
     """This rank's micro-batches of `step` (the sample stream, flash/data.py): gradients accumulated in .grad,
     the loss terms averaged into a vector (TERMS, student loss, a slot for the stop flag); and the terms."""
-    amp = train_autocast(d.device, args.precision)      # flash/cpu.py: which devices get bf16, and why
+    amp = train_autocast(d.device, args.precision)      # flash/cpu.py: bf16 on GPU; why not on CPUs
     sums = torch.zeros(len(TERMS) + 2, dtype=torch.float64)
     for micro in range(args.grad_accum):
         first = ((step * d.world + d.rank) * args.grad_accum + micro) * args.batch_size

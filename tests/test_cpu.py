@@ -16,8 +16,8 @@ def test_default_dtype(monkeypatch, native):
     assert dtype_name(None, "cpu") == ("bf16" if native else "fp32")
     assert dtype_name(None, "cpu", cpu_bf16=False) == "fp32"          # eval.py's reference rows
     assert dtype_name(None, "cuda") == "fp16" and dtype_name("fp32", "cpu") == "fp32"
-    assert flash.cpu.train_autocast("cpu", "auto")._enabled is native
-    assert not flash.cpu.train_autocast("cpu", "fp32")._enabled
+    # training: bf16 autocast was slower on every digits stage on such a CPU, so CPUs train in fp32
+    assert not flash.cpu.train_autocast("cpu", "auto")._enabled and not flash.cpu.train_autocast("cpu", "fp32")._enabled
 
 
 def test_native_bf16_agrees_with_torch():

@@ -29,6 +29,14 @@ FLAGS = ["--model", "--prompt", "--prompts-file", "--negative-prompt", "--steps"
          "--mask", "--upscale", "--adapter-scale", "--tiny-vae"]
 
 
+@pytest.fixture(autouse=True)
+def fp32_default(monkeypatch):
+    """In-process runs pin fp32 pixels (flash.pipeline.generate's, diffusers'): the default dtype of a CPU
+    without bf16 units, whatever this one has (the bf16 path: tests/test_cpu.py, test_digits.py)."""
+    import flash.cpu
+    monkeypatch.setattr(flash.cpu, "native_bf16", lambda: False)
+
+
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     """A tiny SD1.5-like pipeline folder (random weights, the shipped CLIP vocabulary), and diffusers' pipeline."""
