@@ -75,7 +75,8 @@ def write_pipeline(family, folder):
             torch.nn.init.normal_(e.text_model.embeddings.position_embedding.weight, std=0.01)
         tokenizers = [clip_tokenizer(*vocab), clip_tokenizer(*vocab, pad_token="!")][:len(names)]  # SDXL's 2nd: "!"
         pipe = Pipeline(family=family, vae=vae.AutoencoderKL(vae.CONFIGS["sdxl" if family == "sdxl" else "sd"]),
-                        text_encoders=encoders, tokenizers=tokenizers, unet=unet.UNet2DConditionModel(unet.CONFIGS[family]),
+                        text_encoders=encoders, tokenizers=tokenizers,
+                        unet=unet.UNet2DConditionModel(unet.CONFIGS[family]),
                         config={"force_zeros_for_empty_prompt": family == "sdxl"})
         save_pipeline(pipe, folder)
         del pipe
@@ -119,7 +120,7 @@ def load_run(run, folder, family):
         pipe = load_pipeline_with_loras(folder, dtype, "cpu")
         if run == "flash-tiny-vae":
             pipe.use_tiny_vae(load_tiny_vae(Path(folder) / "taesd", dtype))
-        for i, enc in enumerate(pipe.text_encoders):
+        for enc in pipe.text_encoders:
             timers.wrap(enc, "forward", "text")
         timers.wrap(pipe.unet, "forward", "unet")
         timers.wrap(pipe.vae, "decode", "vae")
