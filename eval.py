@@ -88,7 +88,8 @@ def parse_args(argv=None):
     a("--out", metavar="DIR", help="with --coco: where the generated PNGs, the feature cache and the results go")
     a("--json", metavar="PATH", help="also write the results as JSON to PATH ('-' for stdout)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device (default: %(default)s)")
-    a("--dtype", choices=DTYPES, help="weights dtype (default: fp16 on CUDA, fp32 otherwise)")
+    a("--dtype", choices=DTYPES, help="weights dtype (default: fp16 on CUDA, fp32 otherwise, CPUs with bf16 units "
+                                      "included: the reference rows; bf16 gives the fast path's)")
     a("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -147,7 +148,7 @@ def load(args, model, lora, task):
     (flash.evaluate.lora_mode switches it per row)."""
     device = torch.device(args.device)
     metrics = load_metrics(device, args.real)
-    pipe = load_pipeline_with_loras(model, DTYPES[dtype_name(args.dtype, device)], device,
+    pipe = load_pipeline_with_loras(model, DTYPES[dtype_name(args.dtype, device, cpu_bf16=False)], device,
                                     [(lora, 1.0)] if lora is not None else [], fuse=False)
     if pipe.task != task:
         fix = (f"; evaluate it with --task {pipe.task}" if task == "text-to-image"
@@ -220,7 +221,7 @@ def run_coco(args):
     entries = draw_subset(read_captions(args.coco), args.n)
     d = setup_distributed()
     device = d.device if d.world > 1 else torch.device(args.device)
-    dtype = DTYPES[dtype_name(args.dtype, device)]
+    dtype = DTYPES[dtype_name(args.dtype, device, cpu_bf16=False)]
     sampler, steps = args.sampler or "flash", args.steps or 4
     guidance = default_guidance(sampler) if args.guidance is None else args.guidance
     pipe = load_pipeline_with_loras(model, dtype, device, [(lora, 1.0)] if lora else [], fuse=True)
@@ -278,7 +279,7 @@ def main(argv=None):
     if args.json:
         report = {"model": str(model), "lora": str(lora) if lora else None, "task": task,
                   "n": args.n, "seed": args.seed,
-                  "real": args.real, "device": args.device, "dtype": dtype_name(args.dtype, args.device),
+                  "real": args.real, "device": args.device, "dtype": dtype_name(args.dtype, args.device, False),
                   "classifier_heldout_accuracy": metrics.classifier_accuracy, "rows": [asdict(r) for r in results]}
         write_json(report, args.json)
     return 0

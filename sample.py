@@ -9,8 +9,9 @@
     python sample.py --task adapter --image edges.png --prompt "a handwritten digit three"
 
 Reads top to bottom: parse, build (load the pipeline and any LoRAs), sample (flash.pipeline.generate), save
-(one image, or a grid: a row per prompt when --batch > 1), with the prompts, seed, steps, sampler, guidance
-and model in the PNG's text metadata. With no --model, the shipped default weights/digits/ is used
+(one image, or a grid: a row per prompt when --batch > 1), with the prompts, seed, steps, sampler, guidance,
+model and dtype in the PNG's text metadata. The default dtype is bf16 on a CPU with bf16 matrix units (AMX,
+AVX512-BF16; flash/cpu.py), fp16 on CUDA, fp32 elsewhere. With no --model, the shipped default weights/digits/ is used
 (recipes/digits.sh trains it) and, for the flash / lcm samplers, its Flash LoRA (flash_lora.safetensors) is
 fused in; with no prompt it draws the ten digits (flash.data.caption_for(0..9)). The same seed gives the
 same image as diffusers' pipeline for that model and scheduler (see flash/pipeline.py). A run draws at most
@@ -39,13 +40,13 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from flash.cli import (DEFAULT_LORA, DEFAULT_MODEL, DTYPES, MAX_IMAGE_SIDE, MAX_IMAGES, MAX_PROMPTS_BYTES, TASKS,
-                       Parser, check_device, check_finite, check_output, check_seed, default_model, dtype_name,
-                       parse_lora)
+                       Parser, check_device, check_finite, check_output, check_seed, default_model, dtype_help,
+                       dtype_name, parse_lora)
 from flash.data import caption_for
 from flash.io import CheckpointError, read_text, to_uint8, write_png
 from flash.pipeline import default_guidance, generate_chunks
 from flash.schedule import SAMPLERS
-from weights import load_pipeline_with_loras
+from weights import load_pipeline_with_loras, load_tiny_vae
 
 
 def parse_args(argv=None):
@@ -82,8 +83,11 @@ def parse_args(argv=None):
     a("--lora", action="append", default=[], metavar="PATH[:SCALE]",
       help="a LoRA (diffusers, PEFT or kohya format) fused into the denoiser at SCALE (default 1); repeatable")
     a("--out", default="sample.png", help="output PNG, a grid when there are several images (default: %(default)s)")
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device (default: %(default)s)")
-    a("--dtype", choices=DTYPES, help="weights dtype (default: fp16 on CUDA, fp32 otherwise)")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    a("--device", default=device, help="torch device (default: %(default)s)")
+    a("--dtype", choices=DTYPES, help=dtype_help(device))
+    a("--tiny-vae", metavar="PATH", help="decode with this diffusers AutoencoderTiny folder (TAESD: taesd for SD1.5 / "
+                                         "SD2, taesdxl for SDXL), ~20x faster than the full VAE; text-to-image only")
     return p.parse_args(argv)
 
 
@@ -104,6 +108,8 @@ def check_args(args):
     for flag, path in (("--image", args.image), ("--mask", args.mask)):
         if path is not None and not Path(path).is_file():
             raise FileNotFoundError(f"{flag} {path}: no such file")
+    if args.tiny_vae is not None and not Path(args.tiny_vae).is_dir():
+        raise FileNotFoundError(f"--tiny-vae {args.tiny_vae}: no such folder")
     if args.task and args.model is None:        # a shipped demo: its task is known before the load
         check_task_args(args, args.task, default_model(args.task))
     check_device(args.device)
@@ -143,7 +149,10 @@ def build(args):
         if not Path(path).exists():
             raise FileNotFoundError(f"--lora {path}: no such file or folder")
     # fused: several LoRAs stack, and sampling pays nothing for them
-    pipe = load_pipeline_with_loras(model, DTYPES[dtype_name(args.dtype, args.device)], args.device, loras, fuse=True)
+    args.dtype = dtype_name(args.dtype, args.device)    # as used, for the PNG metadata
+    pipe = load_pipeline_with_loras(model, DTYPES[args.dtype], args.device, loras, fuse=True)
+    if args.tiny_vae:
+        pipe.use_tiny_vae(load_tiny_vae(args.tiny_vae, DTYPES[args.dtype]).to(args.device))
     return pipe, model
 
 
@@ -233,7 +242,7 @@ def save(chunks, args, prompts, model, guidance, picture=None, task="text-to-ima
     for key, value in task_meta + [("prompt", "\n".join(prompts)), ("negative_prompt", args.negative_prompt or ""),
                        ("seed", args.seed), ("steps", args.steps), ("sampler", args.sampler),
                        ("guidance", guidance), ("batch", args.batch), ("model", str(model)),
-                       ("lora", " ".join(args.lora))]:
+                       ("lora", " ".join(args.lora)), ("dtype", args.dtype), ("tiny_vae", args.tiny_vae or "")]:
         info.add_text(key, str(value))
     write_png(grid, args.out, pnginfo=info)
     return Path(args.out), done, (w, h)

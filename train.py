@@ -38,6 +38,7 @@ from tqdm import tqdm
 from flash.checkpoint import check_out, load_checkpoint, publish_folder, save_checkpoint, start_log
 from flash import preview
 from flash.cli import Parser
+from flash.cpu import train_autocast
 from flash.conditioning import cond_map, encode_text, image_condition, with_image_condition
 from flash.data import data_arguments, data_check, training_stream
 from flash.distributed import average_gradients, barrier, broadcast, cleanup, setup_distributed, stop_signals
@@ -461,8 +462,7 @@ def sample_grid(args, m, images, prompts, step):
 def accumulate(args, m, d, data, step, phase, i, w, w_dmd):
     """This rank's micro-batches of `step` (the sample stream, flash/data.py): gradients accumulated in .grad,
     the loss terms averaged into a vector (TERMS, student loss, a slot for the stop flag); and the terms."""
-    amp = torch.autocast("cuda", torch.bfloat16) if d.device.type == "cuda" and args.precision == "auto" \
-        else nullcontext()
+    amp = train_autocast(d.device, args.precision)      # flash/cpu.py: bf16 on GPU; why not on CPUs
     sums = torch.zeros(len(TERMS) + 2, dtype=torch.float64)
     for micro in range(args.grad_accum):
         first = ((step * d.world + d.rank) * args.grad_accum + micro) * args.batch_size

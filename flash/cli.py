@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from flash.cpu import default_dtype_name
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = ROOT / "weights" / "digits"          # the shipped default (recipes/digits.sh trains it)
 DEFAULT_LORA = "flash_lora.safetensors"              # inside a shipped model folder: its Flash student
@@ -46,9 +48,18 @@ def check_device(name):
     return device
 
 
-def dtype_name(name, device):
-    """The --dtype name, or its default on `device`: fp16 on CUDA, fp32 elsewhere."""
-    return name or ("fp16" if torch.device(device).type == "cuda" else "fp32")
+def dtype_name(name, device, cpu_bf16=True):
+    """The --dtype name, or its default on `device` (flash.cpu.default_dtype_name): fp16 on CUDA, bf16 on a
+    CPU with native bf16 matrix units (unless `cpu_bf16` is False: eval.py's reference rows stay fp32), fp32
+    elsewhere."""
+    default = default_dtype_name(device)
+    return name or ("fp32" if default == "bf16" and not cpu_bf16 else default)
+
+
+def dtype_help(device):
+    """--dtype's help, naming the default this machine gets."""
+    return (f"weights dtype (default: fp16 on CUDA, bf16 on CPUs with bf16 matrix units (AMX / AVX512-BF16), "
+            f"fp32 elsewhere; here: {dtype_name(None, device)})")
 
 
 def parse_lora(spec):

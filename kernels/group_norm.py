@@ -265,4 +265,6 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, silu=False):
     # computation, same bits (tests/test_kernels.py checks it); for 16-bit x the normalised values are
     # rounded to x's dtype before the SiLU, where the ref (like the kernel) rounds once at the end.
     y = F.group_norm(x, num_groups, weight, bias, eps)
-    return F.silu(y) if silu else y
+    # In place when autograd does not need y (sampling): the same values, and no fresh full-size tensor, whose
+    # first-touch page faults cost as much as the SiLU itself at VAE resolutions on a CPU.
+    return F.silu(y, inplace=not y.requires_grad) if silu else y

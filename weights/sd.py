@@ -1,4 +1,4 @@
-"""Load Stable Diffusion components (UNet, VAE, T2I-Adapter) from diffusers component folders.
+"""Load Stable Diffusion components (UNet, VAE, tiny VAE (TAESD), T2I-Adapter) from diffusers component folders.
 
 A component folder is `config.json` + `diffusion_pytorch_model.safetensors` (or a sharded
 `*.safetensors.index.json`, or the `.fp16` variants). The model is built on the meta device from the config
@@ -17,6 +17,7 @@ import torch
 
 from flash.adapter import AdapterConfig, T2IAdapter
 from flash.unet import UNet2DConditionModel, UNetConfig
+from flash.taesd import AutoencoderTiny, TinyVAEConfig
 from flash.vae import AutoencoderKL, VAEConfig
 from flash.io import CheckpointError, find_weights, load_into, read_config, read_weights
 
@@ -42,6 +43,11 @@ def build_unet(config, source="unet config"):
 def build_vae(config, source="vae config"):
     """A VAEConfig or a diffusers config dict -> AutoencoderKL on the meta device."""
     return _build(VAEConfig, AutoencoderKL, config, source)
+
+
+def build_tiny_vae(config, source="AutoencoderTiny config"):
+    """A TinyVAEConfig or a diffusers AutoencoderTiny config dict -> flash.taesd.AutoencoderTiny on meta."""
+    return _build(TinyVAEConfig, AutoencoderTiny, config, source)
 
 
 def build_adapter(config, source="adapter config"):
@@ -105,6 +111,11 @@ def load_unet(folder, dtype=torch.float32, variant=None):
 def load_vae(folder, dtype=torch.float32, variant=None):
     """A diffusers `vae/` folder -> flash.vae.AutoencoderKL in eval mode (fp32 if its config says force_upcast)."""
     return _load_component(folder, build_vae, dtype, variant)
+
+
+def load_tiny_vae(folder, dtype=torch.float32, variant=None):
+    """A diffusers AutoencoderTiny folder (taesd, taesdxl, taesd3) -> flash.taesd.AutoencoderTiny."""
+    return _load_component(folder, build_tiny_vae, dtype, variant)
 
 
 def load_adapter(folder, dtype=torch.float32, variant=None):
