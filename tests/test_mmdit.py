@@ -6,6 +6,7 @@ grid is smaller than the positional table (so the centre crop is exercised). Ful
 are built on the meta device on both sides: equal parameter counts, key sets and shapes.
 """
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -154,3 +155,91 @@ def test_token_grid_larger_than_the_table_is_refused(models):
     x, t, c, pooled = inputs(h=26, w=12)       # 13 tokens high > pos_embed_max_size 12
     with pytest.raises(ValueError, match="pos_embed_max_size"):
         ours(x, t, c, pooled)
+
+
+# ----------------------------------------------------------------------------- single files (original layout)
+
+BLOCK_RENAMES = {  # diffusers name in a block -> Stability's, written here independently of weights/sd3.py
+    "attn.to_out.0": "x_block.attn.proj", "attn.norm_q": "x_block.attn.ln_q", "attn.norm_k": "x_block.attn.ln_k",
+    "attn2.to_out.0": "x_block.attn2.proj", "attn2.norm_q": "x_block.attn2.ln_q", "attn2.norm_k": "x_block.attn2.ln_k",
+    "attn.to_add_out": "context_block.attn.proj", "attn.norm_added_q": "context_block.attn.ln_q",
+    "attn.norm_added_k": "context_block.attn.ln_k", "norm1.linear": "x_block.adaLN_modulation.1",
+    "norm1_context.linear": "context_block.adaLN_modulation.1", "ff.net.0.proj": "x_block.mlp.fc1",
+    "ff.net.2": "x_block.mlp.fc2", "ff_context.net.0.proj": "context_block.mlp.fc1",
+    "ff_context.net.2": "context_block.mlp.fc2"}
+FUSED = {"x_block.attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+         "x_block.attn2.qkv": ("attn2.to_q", "attn2.to_k", "attn2.to_v"),
+         "context_block.attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")}
+TOP = {"pos_embed.proj": "x_embedder.proj", "context_embedder": "context_embedder", "proj_out": "final_layer.linear",
+       "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
+       "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
+       "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
+       "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2"}
+
+
+def to_original(state, num_layers):
+    """diffusers keys -> the sd3 reference layout under model.diffusion_model.: fused qkv, and the two
+    adaLN-Continuous projections (last block's context, final layer) as (shift, scale)."""
+    def swap(t):
+        scale, shift = t.chunk(2)
+        return torch.cat([shift, scale])
+    out = {"pos_embed": state["pos_embed.pos_embed"]}
+    for kind in ("weight", "bias"):
+        for ours, theirs in TOP.items():
+            out[f"{theirs}.{kind}"] = state[f"{ours}.{kind}"]
+        out[f"final_layer.adaLN_modulation.1.{kind}"] = swap(state[f"norm_out.linear.{kind}"])
+        for i in range(num_layers):
+            b = f"transformer_blocks.{i}."
+            for fused, parts in FUSED.items():
+                if b + parts[0] + "." + kind in state:
+                    out[f"joint_blocks.{i}.{fused}.{kind}"] = torch.cat([state[b + p + "." + kind] for p in parts])
+            for ours, theirs in BLOCK_RENAMES.items():
+                if b + ours + "." + kind in state:
+                    t = state[b + ours + "." + kind]
+                    out[f"joint_blocks.{i}.{theirs}.{kind}"] = swap(t) if ours == "norm1_context.linear" and \
+                        i == num_layers - 1 else t
+    return {"model.diffusion_model." + k: v.contiguous() for k, v in out.items()}
+
+
+def test_single_file_converts_back_exactly(models, tmp_path):
+    """Our inverse of the key rules gives the layout diffusers' own single-file converter reads back to the
+    same tensors; weights.sd3 reads it back to the same state dict, config and outputs."""
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+    from safetensors.torch import save_file
+    name, theirs, ours, _ = models
+    state = theirs.state_dict()
+    original = to_original(state, TINY["num_layers"])
+    assert len(original) < len(state)                      # the fused qkv
+    back = convert_sd3_transformer_checkpoint_to_diffusers(dict(original))
+    assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)
+
+    file = tmp_path / "sd3_tiny.safetensors"
+    extra = {"text_encoders.clip_l.transformer.text_model.final_layer_norm.weight": torch.ones(4),
+             "first_stage_model.decoder.conv_in.bias": torch.zeros(4)}   # a whole-pipeline file's other parts
+    save_file({**original, **extra}, file)
+    loaded = load_mmdit(file, config=None if name == "sd3.5" else {**TINY, "attention_head_dim": 8})
+    # sample_size cannot be read from shapes (it only sets the base of the stored table): SD3's 128.
+    assert loaded.config == replace(ours.config, sample_size=loaded.config.sample_size)
+    assert set(loaded.state_dict()) == set(state)
+    assert all(torch.equal(loaded.state_dict()[k], state[k]) for k in state)
+    x, t, c, pooled = inputs()
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, c, pooled), ours(x, t, c, pooled))
+
+    # A file without the fixed positional table gets it recomputed; a missing projection is named.
+    save_file({k: v for k, v in original.items() if k != "model.diffusion_model.pos_embed"}, file)
+    assert maxdiff(load_mmdit(file, config=ours.config).pos_embed.pos_embed, state["pos_embed.pos_embed"]) < 1e-6
+    save_file({k: v for k, v in original.items() if "joint_blocks.1.context_block.attn.qkv" not in k}, file)
+    with pytest.raises(CheckpointError, match=r"transformer_blocks\.1\.attn\.add_q_proj"):
+        load_mmdit(file, config=ours.config)
+
+
+def test_whole_pipeline_single_file_is_refused_in_one_line(models, tmp_path):
+    import weights
+    from safetensors.torch import save_file
+    _, theirs, _, _ = models
+    file = tmp_path / "sd3_tiny.safetensors"
+    save_file(to_original(theirs.state_dict(), TINY["num_layers"]), file)
+    with pytest.raises(CheckpointError, match="SD3 / SD3.5 single file") as e:
+        weights.load_pipeline(file)
+    assert "\n" not in str(e.value)

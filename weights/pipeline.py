@@ -40,7 +40,7 @@ from flash.tokenizer import CLIP_EOS, clip_tokenizer, load_tokenizer, read_clip_
 from flash.io import CheckpointError, load_into, read_config, read_safetensors, refuse_pickle
 from weights import single_file
 from weights.pixart import is_original_layout, load_transformer
-from weights.sd3 import load_mmdit
+from weights.sd3 import is_original_layout as is_sd3_layout, load_mmdit
 from weights.sd import build_unet, build_vae, load_adapter, load_state, load_unet, load_vae
 from weights.text import load_text_encoder
 
@@ -254,6 +254,9 @@ def load_single_file(path, dtype=torch.float32, family=None, prediction_type=Non
     if is_original_layout(state):
         raise CheckpointError(f"{path}: a PixArt transformer in its original layout, not a whole pipeline; load it "
                               f"with weights.load_transformer (or load a PixArt pipeline folder)")
+    if is_sd3_layout(state):
+        raise CheckpointError(f"{path}: an SD3 / SD3.5 single file; whole-pipeline SD3 single files are not supported "
+                              f"yet: load its transformer with weights.sd3.load_mmdit, or a StableDiffusion3Pipeline folder")
     if family in TRANSFORMER_KINDS:
         raise ValueError(f"family={family!r} needs a pipeline folder; {path} is a single file")
     family = family or single_file.detect_family(state, str(path))
