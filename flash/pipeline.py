@@ -55,11 +55,14 @@ from tqdm import tqdm
 
 from flash.budget import MAX_SIDE_FACTOR, check_memory, decode_chunk, denoise_chunk, max_side
 from flash.cpu import channels_last
+from flash.flow import FlowSchedule, is_flow_config, sample_flow
 from flash.graphs import graphed
 from flash.schedule import SAMPLERS, NoiseSchedule, cfg, max_steps, randn, sample
+from flash.sd3 import encode_sd3
 from flash.tasks import TASKS, binarize_mask, extra_channels, inpaint_condition, upscale_condition
 
 PIXART_MAX_LENGTH = 120     # PixArt-alpha trained with 120 T5 tokens (its paper, Sec. 3.1)
+SD3_MAX_LENGTH = 256        # StableDiffusion3Pipeline's default max_sequence_length for T5
 
 
 @dataclass
@@ -186,7 +189,15 @@ def _encode_pixart(pipe, texts):
     return Conditioning(enc(ids, attention_mask=mask), mask=mask)
 
 
-ENCODERS = {"sd15": _encode_sd, "sd2": _encode_sd, "sdxl": _encode_sdxl, "pixart": _encode_pixart}
+def _encode_sd3(pipe, texts):
+    """SD3 / SD3.5: CLIP-L ++ bigG penultimate states and T5's along the tokens, pooled = both CLIP
+    projections (flash/sd3.py, StableDiffusion3Pipeline.encode_prompt)."""
+    width = pipe.transformer.config.joint_attention_dim
+    context, pooled = encode_sd3(pipe.text_encoders, pipe.tokenizers, texts, width, SD3_MAX_LENGTH)
+    return Conditioning(context, pooled=pooled)
+
+
+ENCODERS = {"sd15": _encode_sd, "sd2": _encode_sd, "sdxl": _encode_sdxl, "pixart": _encode_pixart, "sd3": _encode_sd3}
 
 
 @torch.no_grad()
@@ -228,6 +239,8 @@ def denoiser_kwargs(pipe, c, height, width):
         # SDXL micro-conditioning (Podell et al. 2023, Sec. 2.2): original size, crop top-left, target size.
         ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=dtype, device=c.context.device)
         return {"added_cond": {"text_embeds": c.pooled, "time_ids": ids.repeat(n, 1)}}
+    if pipe.family == "sd3":
+        return {"pooled": c.pooled}
     return {}
 
 
@@ -391,7 +404,10 @@ CLASS_DEFAULTS = {"ddim": {"timestep_spacing": "leading", "clip_sample": True},
 
 
 def schedule_for(sampler, scheduler_config):
-    """The NoiseSchedule diffusers' scheduler for `sampler` would build from the pipeline's config."""
+    """The NoiseSchedule diffusers' scheduler for `sampler` would build from the pipeline's config (a
+    FlowSchedule for a rectified-flow config: SD3 / SD3.5, flash/flow.py)."""
+    if is_flow_config(scheduler_config):
+        return FlowSchedule.from_config(scheduler_config)
     return NoiseSchedule.from_config({**CLASS_DEFAULTS.get(sampler, {}), **scheduler_config})
 
 
@@ -491,7 +507,10 @@ def generate_chunks(pipe, prompts=None, steps=4, sampler="flash", guidance=None,
                 out = model_fn(x, t)
                 bar.update(1)
                 return out
-            yield decode(pipe, sample(sampler, counted, noise, steps, schedule, gen, eta=eta))
+            if isinstance(schedule, FlowSchedule):
+                yield decode(pipe, sample_flow(sampler, counted, noise, steps, schedule, gen))
+            else:
+                yield decode(pipe, sample(sampler, counted, noise, steps, schedule, gen, eta=eta))
 
 
 def _slice(c, rows):

@@ -15,7 +15,8 @@ checkpoint, as a flash.pipeline.Pipeline.
   with "!" as their released tokenizer folders say); the released SD scheduler config.
 - Pickles (.ckpt, .pt, .pth, .bin) are refused with the io module's message.
 
-Family: "sd15" | "sd2" | "sdxl" | "pixart". SD2 is told from SD1.x by its UNet (linear projections or
+Family: "sd15" | "sd2" | "sdxl" | "pixart" | "sd3" (SD3 / SD3.5: a StableDiffusion3Pipeline folder, whose
+text_encoder_3 / tokenizer_3, T5, may be absent or null). SD2 is told from SD1.x by its UNet (linear projections or
 1024-wide cross-attention). Task pipelines (flash/tasks.py) keep their base family and set `pipe.task`:
 - "inpaint": a StableDiffusion[XL]InpaintPipeline folder, or any UNet with in_channels 9 (single files);
 - "adapter": a StableDiffusion[XL]AdapterPipeline folder, whose `adapter/` T2IAdapter goes to `pipe.adapter`;
@@ -41,10 +42,12 @@ from flash.tokenizer import CLIP_EOS, clip_tokenizer, load_tokenizer, read_clip_
 from flash.io import CheckpointError, load_into, read_config, read_safetensors, refuse_pickle
 from weights import single_file
 from weights.pixart import is_original_layout, load_transformer
+from weights.sd3 import is_original_layout as is_sd3_layout, load_mmdit
 from weights.sd import build_unet, build_vae, load_adapter, load_state, load_unet, load_vae
 from weights.text import load_text_encoder
 
-FAMILIES = ("sd15", "sd2", "sdxl", "pixart")
+FAMILIES = ("sd15", "sd2", "sdxl", "pixart", "sd3")
+TRANSFORMER_KINDS = ("pixart", "sd3")  # pipelines whose denoiser is a transformer/ (each its own kind)
 CLIP_VOCAB = Path(__file__).parent / "clip_vocab"
 
 # model_index.json `_class_name` -> which kind of pipeline. The img2img / inpaint / adapter pipelines share the
@@ -54,7 +57,7 @@ PIPELINE_CLASSES = {
     "StableDiffusionAdapterPipeline": "sd", "FlashUpscalePipeline": "sd",
     "StableDiffusionXLPipeline": "sdxl", "StableDiffusionXLImg2ImgPipeline": "sdxl",
     "StableDiffusionXLInpaintPipeline": "sdxl", "StableDiffusionXLAdapterPipeline": "sdxl",
-    "PixArtAlphaPipeline": "pixart",
+    "PixArtAlphaPipeline": "pixart", "StableDiffusion3Pipeline": "sd3",
 }
 # `_class_name` -> flash.tasks task (any other class: text-to-image).
 TASK_CLASSES = {"StableDiffusionInpaintPipeline": "inpaint", "StableDiffusionXLInpaintPipeline": "inpaint",
@@ -76,6 +79,8 @@ SCHEDULER_CONFIGS = {
     "pixart": dict(_class_name="DPMSolverMultistepScheduler", num_train_timesteps=1000, beta_start=0.0001,
                    beta_end=0.02, beta_schedule="linear", trained_betas=None, prediction_type="epsilon",
                    timestep_spacing="linspace", steps_offset=0),
+    # SD3 / SD3.5: rectified flow (flash/flow.py), the released shift 3.0.
+    "sd3": dict(_class_name="FlowMatchEulerDiscreteScheduler", num_train_timesteps=1000, shift=3.0),
 }
 # What a single file's model_index.json would say (diffusers' defaults for these pipelines).
 PIPELINE_CONFIGS = {
@@ -178,7 +183,7 @@ def read_base(root, index, kind):
         raise CheckpointError(f"{where}: {e}") from None
     if "flash_base" in base_index:
         raise CheckpointError(f"{where}: the base has a flash_base of its own (chains are not supported)")
-    if (base_kind == "pixart") != (kind == "pixart"):
+    if (base_kind in TRANSFORMER_KINDS or kind in TRANSFORMER_KINDS) and base_kind != kind:
         raise CheckpointError(f"{where}: a {base_index['_class_name']} cannot supply components to a "
                               f"{index['_class_name']}")
     return base, base_index
@@ -186,7 +191,7 @@ def read_base(root, index, kind):
 
 def load_folder(root, dtype=torch.float32, variant=None, family=None):
     index, name, kind = read_index(root)
-    if family is not None and (family == "pixart") != (kind == "pixart"):
+    if family is not None and (family in TRANSFORMER_KINDS or kind in TRANSFORMER_KINDS) and family != kind:
         raise ValueError(f"family={family!r} does not fit {root}, a {name}")
     base, base_index = read_base(root, index, kind)
 
@@ -204,14 +209,16 @@ def load_folder(root, dtype=torch.float32, variant=None, family=None):
         return None
 
     task = TASK_CLASSES.get(name, "text-to-image")
-    denoiser = "transformer" if kind == "pixart" else "unet"
+    denoiser = "transformer" if kind in TRANSFORMER_KINDS else "unet"
     for component in (denoiser, "vae") + (("adapter",) if task == "adapter" else ()):
         if find(component) is None:
             source = root if base is None else f"{root} (or its flash_base {base})"
             raise CheckpointError(f"{source}: a {name} needs a {component}/ folder listed in model_index.json")
 
     text_encoders, tokenizers = [], []
-    for encoder, tokenizer in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
+    pairs = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
+    pairs += (("text_encoder_3", "tokenizer_3"),) if kind == "sd3" else ()  # T5, optional (flash/sd3.py)
+    for encoder, tokenizer in pairs:
         if find(encoder):
             text_encoders.append(load_text_encoder(find(encoder), dtype=dtype, variant=variant))
         if find(tokenizer) and _has_vocabulary(find(tokenizer)):
@@ -221,6 +228,8 @@ def load_folder(root, dtype=torch.float32, variant=None, family=None):
     vae = load_vae(find("vae"), dtype=dtype, variant=variant)
     if kind == "pixart":
         family, unet, transformer = "pixart", None, load_transformer(find("transformer"), dtype, variant)
+    elif kind == "sd3":
+        family, unet, transformer = "sd3", None, load_mmdit(find("transformer"), dtype, variant)
     else:
         unet, transformer = load_unet(find("unet"), dtype=dtype, variant=variant), None
         family = family or sd_family(unet.config)
@@ -254,8 +263,11 @@ def load_single_file(path, dtype=torch.float32, family=None, prediction_type=Non
     if is_original_layout(state):
         raise CheckpointError(f"{path}: a PixArt transformer in its original layout, not a whole pipeline; load it "
                               f"with weights.load_transformer (or load a PixArt pipeline folder)")
-    if family == "pixart":
-        raise ValueError(f"family='pixart' needs a PixArt pipeline folder; {path} is a single file")
+    if is_sd3_layout(state):
+        raise CheckpointError(f"{path}: an SD3 / SD3.5 single file; whole-pipeline SD3 single files are not supported "
+                              f"yet: load its transformer with weights.sd3.load_mmdit, or a StableDiffusion3Pipeline folder")
+    if family in TRANSFORMER_KINDS:
+        raise ValueError(f"family={family!r} needs a pipeline folder; {path} is a single file")
     family = family or single_file.detect_family(state, str(path))
     parts = single_file.convert(state, family, str(path))
     del state   # from here each tensor is referenced once, by its component's dict
