@@ -59,7 +59,7 @@ from flash.flow import FlowSchedule, is_flow_config, sample_flow
 from flash.graphs import graphed
 from flash.schedule import SAMPLERS, NoiseSchedule, cfg, max_steps, randn, sample
 from flash.sd3 import encode_sd3
-from flash.tasks import TASKS, binarize_mask, extra_channels, inpaint_condition, upscale_condition
+from flash.tasks import each_tensor, extra_channels, task_condition, task_size
 
 PIXART_MAX_LENGTH = 120     # PixArt-alpha trained with 120 T5 tokens (its paper, Sec. 3.1)
 SD3_MAX_LENGTH = 256        # StableDiffusion3Pipeline's default max_sequence_length for T5
@@ -252,7 +252,7 @@ def make_model_fn(pipe, cond, uncond, guidance, height, width, image_cond=None):
     c = cond if uncond is None else cat(uncond, cond)
     image_cond = image_cond or {}
     if uncond is not None:
-        image_cond = {k: _rows(v, lambda x: torch.cat([x, x])) for k, v in image_cond.items()}
+        image_cond = {k: each_tensor(v, lambda x: torch.cat([x, x])) for k, v in image_cond.items()}
     kw = {**denoiser_kwargs(pipe, c, height, width), **image_cond}
     channels = pipe.vae.config.latent_channels
     denoise = graphed(lambda xin, t: model(xin, t, c.context, **kw), pipe.device)   # flash/graphs.py: CUDA only
@@ -265,106 +265,6 @@ def make_model_fn(pipe, cond, uncond, guidance, height, width, image_cond=None):
         out_uncond, out_cond = out.chunk(2)
         return cfg(out_cond, out_uncond, guidance)
     return model_fn
-
-
-# -- image conditions of the tasks (flash/tasks.py) ----------------------------------------------------
-
-# What each task takes besides the prompts; `upscale` is the factor that sets the output size.
-TASK_INPUTS = {"text-to-image": (), "inpaint": ("image", "mask"), "upscale": ("image", "upscale"),
-               "adapter": ("adapter_image",)}
-TAKEN_BY = {"image": "inpaint and upscale pipelines", "mask": "inpaint pipelines", "upscale": "upscale pipelines",
-            "adapter_image": "adapter pipelines"}
-
-
-def _rows(v, f):
-    """f applied to a condition tensor, or to each tensor of a list (adapter features)."""
-    return [f(x) for x in v] if isinstance(v, (list, tuple)) else f(v)
-
-
-def _size(x):
-    return f"{x.shape[-2]}x{x.shape[-1]}"
-
-
-def _check_image(name, x, channels, task, n):
-    """x: a float tensor (1 or n, channels, H, W) in [0, 1]."""
-    if not torch.is_tensor(x) or x.dim() != 4:
-        got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
-        raise ValueError(f"{name}: expected a tensor (N, {channels}, H, W) in [0, 1], got {got}")
-    if x.shape[1] != channels:
-        raise ValueError(f"{name}: {x.shape[1]} channels, this {task} pipeline takes {channels}")
-    if x.shape[0] not in (1, n):
-        raise ValueError(f"{name}: {x.shape[0]} images for {n} prompts (give 1, or one per prompt)")
-    lo, hi = x.min().item(), x.max().item()
-    if lo < 0 or hi > 1:
-        raise ValueError(f"{name}: values must be in [0, 1], got [{lo:.3g}, {hi:.3g}]")
-
-
-def task_size(pipe, n, height=None, width=None, image=None, mask=None, upscale=None, adapter_image=None):
-    """Check the image conditions that pipe.task takes (n prompts) -> the output (height, width):
-    the condition image's size (inpaint, adapter) or the low-res size x upscale, else height / width."""
-    task = pipe.task
-    if task not in TASKS:
-        raise ValueError(f"pipe.task {task!r} is not one of {', '.join(TASKS)}")
-    given = {"image": image, "mask": mask, "upscale": upscale, "adapter_image": adapter_image}
-    for name, value in given.items():
-        if value is not None and name not in TASK_INPUTS[task]:
-            raise ValueError(f"{name}: this {task} pipeline takes no {name} (only {TAKEN_BY[name]} do)")
-    if task == "text-to-image":
-        return height, width
-    if pipe.unet is None:
-        raise ValueError(f"task {task!r} needs a UNet pipeline; this {pipe.family} pipeline has none")
-    needed = [k for k in TASK_INPUTS[task] if k != "upscale"]
-    for name in needed:
-        if given[name] is None:
-            raise ValueError(f"{name}: missing; this {task} pipeline needs {' and '.join(needed)}")
-
-    rgb = getattr(pipe.vae.config, "in_channels", 3)
-    if task == "adapter":
-        if pipe.adapter is None:
-            raise ValueError("adapter_image: this adapter pipeline has no adapter (pipe.adapter is None)")
-        _check_image("adapter_image", adapter_image, pipe.adapter.config.in_channels, task, n)
-        size, what = tuple(adapter_image.shape[-2:]), "adapter_image"
-    else:
-        _check_image("image", image, rgb, task, n)
-        size, what = tuple(image.shape[-2:]), "image"
-    if task == "inpaint":
-        _check_image("mask", mask, 1, task, n)
-        if mask.shape[-2:] != image.shape[-2:]:
-            raise ValueError(f"mask: size {_size(mask)} differs from the image's {_size(image)}")
-    if task == "upscale":
-        if upscale is None and (height is None or width is None):
-            raise ValueError("upscale: the factor is required (or give both height and width)")
-        if upscale is None:
-            size = (height, width)
-        elif isinstance(upscale, bool) or not isinstance(upscale, int) or upscale < 1:
-            raise ValueError(f"upscale: an integer factor >= 1, got {upscale!r}")
-        else:
-            size, what = (size[0] * upscale, size[1] * upscale), f"low-res image ({_size(image)}) x {upscale}"
-    asked = (height or size[0], width or size[1])
-    if asked != size:
-        raise ValueError(f"height/width: {asked[0]}x{asked[1]} differs from the {what} size {size[0]}x{size[1]}")
-    return size
-
-
-@torch.no_grad()
-def task_condition(pipe, height, width, image=None, mask=None, adapter_image=None, adapter_scale=1.0,
-                   generator=None):
-    """The denoiser kwargs of pipe.task for the given condition images in [0, 1] (checked by task_size):
-    {"concat": (N, extra, h, w)} or {"adapter_residuals": [features]} ({} for text-to-image), N = the
-    number of images given. Inpainting draws its masked-image latent sample from `generator`."""
-    vae_device = next(pipe.vae.parameters()).device
-    if pipe.task == "inpaint":
-        n = max(image.shape[0], mask.shape[0])          # one image with one mask per prompt, or vice versa
-        image = image.expand(n, -1, -1, -1).to(vae_device, torch.float32) * 2 - 1
-        mask = binarize_mask(mask.expand(n, -1, -1, -1).to(vae_device, torch.float32))
-        return {"concat": inpaint_condition(pipe.vae, image, mask, generator=generator)}
-    if pipe.task == "upscale":
-        return {"concat": upscale_condition(pipe.vae, image.to(vae_device, torch.float32) * 2 - 1,
-                                                  (height, width))}
-    if pipe.task == "adapter":
-        device = next(pipe.adapter.parameters()).device
-        return {"adapter_residuals": pipe.adapter(adapter_image.to(device), adapter_scale)}
-    return {}
 
 
 # -- latents -> images ----------------------------------------------------------------------------------
@@ -498,7 +398,7 @@ def generate_chunks(pipe, prompts=None, steps=4, sampler="flash", guidance=None,
                 # After the noise: diffusers' inpainting pipeline draws the masked-image latent sample second.
                 image_cond = task_condition(pipe, height, width, image, mask, adapter_image, adapter_scale, generator)
             prompt_of = torch.arange(first, rows.stop) // batch
-            chunk_cond = {k: _rows(v, lambda x: x.to(pipe.device).expand(n, *x.shape[1:])[prompt_of.to(pipe.device)])
+            chunk_cond = {k: each_tensor(v, lambda x: x.to(pipe.device).expand(n, *x.shape[1:])[prompt_of.to(pipe.device)])
                           for k, v in image_cond.items()}
             model_fn = make_model_fn(pipe, _slice(cond, rows), None if uncond is None else _slice(uncond, rows),
                                      guidance, height, width, chunk_cond)
