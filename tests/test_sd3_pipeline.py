@@ -123,7 +123,7 @@ def test_sample_cli_euler_matches_diffusers(pipes, tmp_path):
     out = tmp_path / "x.png"
     assert sample.main(["--model", str(folder), "--prompt", PROMPTS[1], "--negative-prompt", NEGATIVE,
                         "--sampler", "euler", "--steps", "4", "--guidance", "6", "--seed", "9", "--height", "24",
-                        "--width", "32", "--out", str(out), "--device", "cpu"]) == 0
+                        "--width", "32", "--out", str(out), "--device", "cpu", "--dtype", "fp32"]) == 0
     got = torch.from_numpy(np.asarray(Image.open(out)).astype(np.float32) / 255).permute(2, 0, 1)
     want = run_theirs(theirs, 4, 6.0, seed=9, height=24, width=32, prompt=PROMPTS[1], negative_prompt=NEGATIVE)[0]
     assert got.shape == want.shape == (3, 24, 32)
