@@ -536,7 +536,7 @@ def train(args):
     broadcast(student_params + head_params, d)
     out, prompts, log = Path(args.out), args.sample_prompts, None
     if d.rank == 0:     # config.json, the data scan's warnings; the log of a resumed run continues where it stopped
-        log = start_log(out, start, vars(args), dataset)
+        log = start_log(out, start, vars(args), data.dataset)
     stop = stop_signals()       # SIGTERM / SIGINT: finish the step, save, exit
     bar = tqdm(total=args.steps, initial=start, disable=d.rank != 0, dynamic_ncols=True)
 

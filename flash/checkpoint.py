@@ -161,7 +161,8 @@ def start_log(out, start, config, dataset):
     dropped), a fresh one starts an empty log."""
     out = Path(out)
     skipped = getattr(dataset, "skipped", [])
-    scan = {"images": len(dataset), "skipped": len(skipped), "first_skipped": [f"{n}: {r}" for n, r in skipped[:20]]}
+    scan = {"images": len(dataset), "skipped": len(skipped),   # (file, reason) in a folder, (shard, member, reason) in shards
+            "first_skipped": [f"{'/'.join(map(str, e[:-1]))}: {e[-1]}" for e in skipped[:20]]}
     write_text(json.dumps({**config, "data_scan": scan}, indent=2) + "\n", out / "config.json")   # ASCII: any path
     for line in getattr(dataset, "warnings", []):
         print(f"train.py: warning: {line}".encode("utf-8", "backslashreplace").decode(), file=sys.stderr)

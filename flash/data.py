@@ -457,9 +457,10 @@ def training_stream(args, pipe, rank, world, start):
     b, a = args.batch_size, args.grad_accum
     starts = [((s * world + rank) * a + m) * b for s in range(start, args.steps) for m in range(a)]
     skipped = getattr(dataset, "skipped", [])
-    if skipped and rank == 0:
+    if skipped and rank == 0 and not getattr(dataset, "warnings", None):   # a folder's scan warns through start_log
         print(f"{Path(sys.argv[0]).name}: warning: --data: skipped {len(skipped)} bad samples (first: "
-              f"{'/'.join(skipped[0][:2])}: {skipped[0][2]}); log.jsonl counts them as bad_samples", file=sys.stderr)
+              f"{'/'.join(map(str, skipped[0][:-1]))}: {skipped[0][-1]}); log.jsonl counts them as bad_samples",
+              file=sys.stderr)
     return Stream(dataset, args.seed, args.resolution, starts, b, args.workers)
 
 
