@@ -84,7 +84,7 @@ def same_run(a, b):
 
 
 def seen(out):
-    return [json.loads(line) for p in sorted(Path(out).glob("seen-*.jsonl")) for line in p.read_text().splitlines()]
+    return [json.loads(line) for p in sorted(Path(out).parent.glob(f"{Path(out).name}.seen-*.jsonl")) for line in p.read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,8 @@
 """train.py with a recorder, run in its place (`PYTHONPATH=. python tests/train_record.py ARGS`, or under
 torchrun; tests/train_helpers.run_train(script=...) sets the path).
 
-Every batch a rank reads (flash.data.Stream.batch) is appended to OUT/seen-RANK.jsonl as one line: its stream
-positions, captions, image shape, each sample's SizeInfo, and the size conditioning the denoiser received for
+Every batch a rank reads (flash.data.Stream.batch) is appended to OUT.seen-RANK.jsonl (beside the run
+folder: train.py refuses foreign files inside it) as one line: its stream positions, captions, image shape, each sample's SizeInfo, and the size conditioning the denoiser received for
 it (SDXL's time_ids, PixArt's resolution and aspect_ratio, from train.encode_text). tests/test_shards.py reads
 these to check which samples each rank saw and what conditioning they got.
 """
@@ -17,7 +17,7 @@ import train
 
 
 def install_recorder(out):
-    path = Path(out) / f"seen-{os.environ.get('RANK', '0')}.jsonl"
+    path = Path(out).parent / f"{Path(out).name}.seen-{os.environ.get('RANK', '0')}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     log, last = open(path, "a"), {}
 
