@@ -65,7 +65,8 @@ def parse_args(argv=None):
     a("--steps", type=int, default=4, help="number of denoiser evaluations (default: %(default)s)")
     a("--sampler", choices=SAMPLERS, default="flash",
       help="flash: the student's trained timesteps (1, 2, 4 steps); lcm: LCMScheduler's; "
-           "ddim / euler / dpm++2m: the classic solvers, for teachers (default: %(default)s)")
+           "ddim / euler / dpm++2m: the classic solvers, for teachers; on a flow model (SD3) euler is "
+           "flow-matching Euler and flash the Flash student's flow timesteps (default: %(default)s)")
     a("--guidance", type=float, help="classifier-free guidance scale, <= 1 disables CFG "
                                      "(default: 0 for flash / lcm, 7.5 otherwise)")
     a("--seed", type=int, default=0, help="seed of torch.Generator('cpu'), as diffusers uses it (default: %(default)s)")
