@@ -4,7 +4,8 @@ torchrun; tests/train_helpers.run_train(script=...) sets the path).
 Every batch a rank reads (flash.data.Stream.batch) is appended to OUT.seen-RANK.jsonl (beside the run
 folder: train.py refuses foreign files inside it) as one line: its stream positions, captions, image
 shape, each sample's SizeInfo, and the size conditioning the denoiser received for it (SDXL's time_ids,
-PixArt's resolution and aspect_ratio, from train.encode_text). tests/test_shards.py reads these to check which samples each rank saw and what conditioning they got.
+PixArt's resolution and aspect_ratio, from train.encode_text). tests/test_shards.py reads these to check
+which samples each rank saw and what conditioning they got.
 """
 import dataclasses
 import json
