@@ -37,11 +37,12 @@ def tiny_vae():
 def test_only_the_16bit_cpu_path_goes_channels_last():
     z = torch.randn(2, 4, 12, 10, generator=torch.Generator().manual_seed(1))
     vae = tiny_vae()
-    pipe = type("P", (), {"vae": vae})()
+    def pipe(v):     # what decode reads of a pipeline
+        return type("P", (), {"vae": v, "vae_scale_factor": 2 ** (len(v.config.block_out_channels) - 1)})()
     with torch.no_grad():
-        want = decode(pipe, z)                       # fp32: layout untouched, so the parity tests' bits stay
+        want = decode(pipe(vae), z)                  # fp32: layout untouched, so the parity tests' bits stay
         assert vae.decoder.conv_in.weight.is_contiguous()
-        nchw = decode(type("P", (), {"vae": tiny_vae().to(torch.bfloat16)})(), z)
-        got = decode(type("P", (), {"vae": vae.to(torch.bfloat16)})(), z)
+        nchw = decode(pipe(tiny_vae().to(torch.bfloat16)), z)
+        got = decode(pipe(vae.to(torch.bfloat16)), z)
     assert vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert (got - want).abs().max() < 0.05 and (got - nchw).abs().max() < 0.05   # bf16 rounding only
