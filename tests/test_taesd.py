@@ -40,7 +40,7 @@ def test_decode_encode_parity(tmp_path, cfg):
         assert got.shape == (2, 3, 24, 40) and maxdiff(got, want) < TOL
         assert maxdiff(ours.encode(x), ref.encode(x).latents) < TOL
         # the pipeline's decode: diffusers' pipelines divide by scaling_factor and add shift_factor
-        pipe = type("P", (), {"vae": ours})()
+        pipe = type("P", (), {"vae": ours, "vae_scale_factor": 2 ** (len(ours.config.block_out_channels) - 1)})()
         images = decode(pipe, z)
         raw = z / ref.config.scaling_factor + (ref.config.shift_factor or 0)
         assert maxdiff(images, (ref.decode(raw).sample / 2 + 0.5).clamp(0, 1)) < TOL
